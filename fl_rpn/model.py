@@ -1,0 +1,164 @@
+"""``build_model(cfg)``: the only code that knows FasterRCNN's constructor and swaps ``model.rpn``.
+
+Config groups read here (see ``conf/model`` and ``conf/rpn``):
+    ``model.name``: ``r50_fpn`` (torchvision's fasterrcnn_resnet50_fpn layout), ``mbv3_fpn``
+    (fasterrcnn_mobilenet_v3_large_fpn) or ``tiny_fpn`` (a small GroupNorm CNN for CPU runs and tests).
+    ``model.backbone_weights``: null | a torchvision weights name | a local file path.
+    ``model.detector``: keyword arguments of ``FasterRCNN`` (min_size, box_* ...), passed verbatim.
+    ``rpn.loss``: ``sampled`` keeps torchvision's ``RegionProposalNetwork`` untouched; ``focal`` swaps in
+    ``FocalLossRPN`` with ``rpn.form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob``.
+    The other ``rpn.*`` keys are FasterRCNN's ``rpn_*`` arguments.
+"""
+
+from collections import OrderedDict
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchvision.models import get_weight, mobilenet_v3_large, resnet50
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import (
+    BackboneWithFPN,
+    _mobilenet_extractor,
+    _resnet_fpn_extractor,
+)
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import misc as misc_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .rpn import use_focal_rpn
+
+__all__ = ["build_model", "build_backbone", "TinyBackbone", "RPN_DETECTOR_KEYS"]
+
+# rpn.<key> -> FasterRCNN(rpn_<key>=...)
+RPN_DETECTOR_KEYS = (
+    "pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test",
+    "nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "score_thresh",
+)  # fmt: skip
+FOCAL_KEYS = ("form", "loss_weight", "alpha", "gamma", "prior_prob")
+
+
+class TinyBackbone(nn.Sequential):
+    """A 4-stage CNN with GroupNorm (trains from scratch with small batches).
+
+    Input ``[N, 3, H, W]``; stage ``i`` (``layer1``..``layer4``) outputs ``[N, widths[i], H / 2^(i+2), W / 2^(i+2)]``.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), blocks_per_stage: int = 2) -> None:
+        conv = partial(
+            misc_ops.Conv2dNormActivation, kernel_size=3, norm_layer=lambda c: nn.GroupNorm(min(8, c // 4), c)
+        )
+        layers = OrderedDict(stem=conv(3, widths[0], stride=2))
+        in_channels = widths[0]
+        for i, width in enumerate(widths):
+            blocks = [conv(in_channels, width, stride=2)]
+            blocks += [conv(width, width) for _ in range(blocks_per_stage - 1)]
+            layers[f"layer{i + 1}"] = nn.Sequential(*blocks)
+            in_channels = width
+        super().__init__(layers)
+
+
+def _load_local_weights(module: nn.Module, path: Path, what: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.") and not k.startswith("classifier.")]
+    if missing:
+        raise ValueError(f"model.backbone_weights={path}: not a {what} state dict; missing keys {missing[:5]} ...")
+
+
+def _pretrained_backbone(constructor, weights: str | None, what: str) -> tuple[nn.Module, bool]:
+    """Build ``constructor`` (resnet50 / mobilenet_v3_large) from a torchvision weights name or a local file.
+
+    Returns the module and whether it carries trained weights (then BatchNorm is frozen, as in torchvision).
+    """
+    if weights is None:
+        return constructor(weights=None, norm_layer=nn.BatchNorm2d), False
+    path = Path(str(weights)).expanduser()
+    if path.suffix in {".pt", ".pth", ".bin"} or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"model.backbone_weights: no such file {path}")
+        module = constructor(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
+        _load_local_weights(module, path, what)
+        return module, True
+    try:
+        enum = get_weight(weights if "." in weights else f"{_WEIGHT_ENUMS[what]}.{weights}")
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"model.backbone_weights={weights!r} is neither a file nor a torchvision weights name") from e
+    try:
+        return constructor(weights=enum, norm_layer=misc_ops.FrozenBatchNorm2d), True
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        filename = enum.url.rsplit("/", 1)[-1]
+        raise RuntimeError(
+            f"could not download backbone weights {enum} from {enum.url} ({e}). Offline: put that file at "
+            f"{hub / filename}, or set model.backbone_weights=/path/to/{filename}"
+        ) from e
+
+
+_WEIGHT_ENUMS = {"resnet50": "ResNet50_Weights", "mobilenet_v3_large": "MobileNet_V3_Large_Weights"}
+
+
+def _trainable_layers(requested: int | None, trained: bool, all_layers: int) -> int:
+    """torchvision's rule: a randomly initialised backbone trains every layer, a trained one 3 by default."""
+    if not trained:
+        return all_layers
+    return 3 if requested is None else requested
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """Backbone + FPN with ``out_channels``; returns an ``OrderedDict`` of feature maps per level."""
+    name = model_cfg.name
+    trainable = model_cfg.get("trainable_backbone_layers")
+    if name == "r50_fpn":
+        body, trained = _pretrained_backbone(resnet50, model_cfg.backbone_weights, "resnet50")
+        return _resnet_fpn_extractor(body, _trainable_layers(trainable, trained, all_layers=5))
+    if name == "mbv3_fpn":
+        body, trained = _pretrained_backbone(mobilenet_v3_large, model_cfg.backbone_weights, "mobilenet_v3_large")
+        return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6))
+    if name == "tiny_fpn":
+        if model_cfg.backbone_weights is not None:
+            raise ValueError("model.backbone_weights: tiny_fpn has no pretrained weights; set it to null")
+        widths = tuple(model_cfg.widths)
+        body = TinyBackbone(widths)
+        return BackboneWithFPN(
+            body,
+            return_layers={f"layer{i + 1}": str(i) for i in range(len(widths))},
+            in_channels_list=list(widths),
+            out_channels=model_cfg.fpn_channels,
+            extra_blocks=LastLevelMaxPool(),
+        )
+    raise ValueError(f"model.name must be one of r50_fpn, mbv3_fpn, tiny_fpn; got {name!r}")
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> FasterRCNN:
+    """A torchvision ``FasterRCNN`` for the composed root config ``cfg`` (``conf/train.yaml``).
+
+    Args:
+        num_classes: object classes of the dataset (the predictor gets ``num_classes + 1`` with background).
+    """
+    model_cfg, rpn_cfg = cfg.model, cfg.rpn
+    detector_kwargs = OmegaConf.to_container(model_cfg.detector, resolve=True)
+    detector_kwargs.update({f"rpn_{k}": rpn_cfg[k] for k in RPN_DETECTOR_KEYS})
+    if rpn_cfg.loss == "sampled":
+        detector_kwargs["rpn_batch_size_per_image"] = rpn_cfg.batch_size_per_image
+        detector_kwargs["rpn_positive_fraction"] = rpn_cfg.positive_fraction
+    elif rpn_cfg.loss != "focal":
+        raise ValueError(f"rpn.loss must be 'sampled' or 'focal', got {rpn_cfg.loss!r}")
+    if model_cfg.get("anchor_sizes") is not None:
+        sizes = tuple(tuple(s) for s in model_cfg.anchor_sizes)
+        detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, (tuple(model_cfg.aspect_ratios),) * len(sizes))
+    backbone = build_backbone(model_cfg)
+    if model_cfg.get("box_head_dim") is not None:  # FasterRCNN hard-codes 1024 for its own head
+        resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size
+        detector_kwargs["box_head"] = TwoMLPHead(backbone.out_channels * resolution**2, model_cfg.box_head_dim)
+        detector_kwargs["box_predictor"] = FastRCNNPredictor(model_cfg.box_head_dim, num_classes + 1)
+        model = FasterRCNN(backbone, **detector_kwargs)
+    else:
+        model = FasterRCNN(backbone, num_classes=num_classes + 1, **detector_kwargs)
+    if rpn_cfg.loss == "focal":
+        use_focal_rpn(model, **{k: rpn_cfg[k] for k in FOCAL_KEYS})
+    return model

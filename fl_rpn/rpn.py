@@ -1,0 +1,272 @@
+"""FL-RPN: a torchvision Region Proposal Network that trains every anchor with a focal loss.
+
+Chen, Song, Jiang, "Focal Loss for Region Proposal Network", PRCV 2018::
+
+    L = loss_weight / N_pos * sum_{label >= 0} FL(p_t) + 1 / (2 N_pos) * sum_{label == 1} smooth_l1(t, t*)
+
+Shapes: ``N`` images, ``A`` anchors per location, ``Hi x Wi`` the feature map of level ``i``,
+``R`` = sum over images and levels of ``A * Hi * Wi`` (all anchors of the batch), ``C`` objectness
+logits per anchor (1 for the sigmoid form, 2 for the softmax form: background, object).
+
+``FocalLossRPN`` differs from its parent in three steps only: ``compute_loss`` (no sampler, focal loss
+over every anchor with label >= 0), ``forward`` (counts anchors from the box-regression maps and scores
+proposals with the object probability when C = 2) and the objectness-bias initialisation.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+
+from .losses import sigmoid_focal_loss, softmax_focal_loss
+
+__all__ = ["FocalLossRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "FORMS"]
+
+FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
+
+
+class TwoLogitRPNHead(RPNHead):
+    """torchvision's ``RPNHead`` with two objectness logits per anchor.
+
+    ``cls_logits`` outputs ``[N, 2A, Hi, Wi]`` in anchor-major order (a0:bg, a0:obj, a1:bg, ...), the
+    layout ``permute_and_flatten`` expects with ``C = 2``; ``bbox_pred`` outputs ``[N, 4A, Hi, Wi]``.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
+        super().__init__(in_channels, num_anchors, conv_depth)
+        self.cls_logits = nn.Conv2d(in_channels, 2 * num_anchors, kernel_size=1, stride=1)
+        nn.init.normal_(self.cls_logits.weight, std=0.01)
+        nn.init.zeros_(self.cls_logits.bias)
+
+
+def init_objectness_prior(cls_logits: nn.Conv2d, form: str, prior_prob: float) -> None:
+    """RetinaNet's prior init: every anchor starts with object probability ``prior_prob``.
+
+    Sigmoid: bias ``-log((1 - pi) / pi)``. Softmax: background bias 0, object bias ``log(pi / (1 - pi))``,
+    so the softmax object probability ``sigmoid(b_obj - b_bg)`` is ``pi``.
+    """
+    if not 0.0 < prior_prob < 1.0:
+        raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+    object_bias = math.log(prior_prob / (1.0 - prior_prob))
+    with torch.no_grad():
+        if form == "sigmoid":
+            cls_logits.bias.fill_(object_bias)
+        else:
+            cls_logits.bias.zero_()
+            cls_logits.bias[1::2] = object_bias
+
+
+class FocalLossRPN(RegionProposalNetwork):
+    """``RegionProposalNetwork`` trained with a focal loss over all anchors instead of 256 sampled ones.
+
+    Args (besides torchvision's own; ``batch_size_per_image`` and ``positive_fraction`` are accepted
+    and ignored, since no anchor is sampled):
+        form: ``"sigmoid"`` (head with A objectness channels) or ``"softmax"`` (``TwoLogitRPNHead``, 2A).
+        loss_weight: lambda, the weight of the objectness term.
+        alpha: focal weight of object anchors (background anchors get ``1 - alpha``).
+        gamma: focal exponent; 0 gives alpha-weighted cross-entropy.
+        prior_prob: initial object probability of every anchor; ``None`` keeps the head's bias.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: nn.Module,
+        head: nn.Module,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        pre_nms_top_n: dict[str, int],
+        post_nms_top_n: dict[str, int],
+        nms_thresh: float,
+        score_thresh: float = 0.0,
+        batch_size_per_image: int | None = None,
+        positive_fraction: float | None = None,
+        *,
+        form: str = "softmax",
+        loss_weight: float = 0.1,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        prior_prob: float | None = 0.01,
+    ) -> None:
+        super().__init__(
+            anchor_generator, head, fg_iou_thresh, bg_iou_thresh, 256, 0.5,
+            pre_nms_top_n, post_nms_top_n, nms_thresh, score_thresh,
+        )  # fmt: skip
+        self.fg_bg_sampler = None  # every anchor with label >= 0 is trained
+        if form not in FORMS:
+            raise ValueError(f"rpn form must be one of {sorted(FORMS)}, got {form!r}")
+        if not loss_weight > 0:
+            raise ValueError(f"rpn loss_weight (lambda) must be > 0, got {loss_weight}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"rpn alpha must be in [0, 1], got {alpha}")
+        if not gamma >= 0:
+            raise ValueError(f"rpn gamma must be >= 0, got {gamma}")
+        num_anchors = head.bbox_pred.out_channels // 4
+        if head.cls_logits.out_channels != FORMS[form] * num_anchors:
+            raise ValueError(
+                f"the {form} form needs {FORMS[form]} objectness channels per anchor "
+                f"({FORMS[form] * num_anchors}), but the head has {head.cls_logits.out_channels}; "
+                "use TwoLogitRPNHead for the softmax form"
+            )
+        self.form = form
+        self.loss_weight = loss_weight
+        self.alpha = alpha
+        self.gamma = gamma
+        if prior_prob is not None:
+            init_objectness_prior(head.cls_logits, form, prior_prob)
+        self.stats: dict[str, Tensor] = {}
+
+    def reduce_num_positives(self, num_pos: Tensor) -> Tensor:
+        """The focal-loss normaliser: positives of the whole global batch, averaged over ranks.
+
+        Under DDP each rank divides its local sum by the mean positive count, so the averaged
+        gradients equal those of one process over the global batch (as in DETR).
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            num_pos = num_pos.clone()
+            dist.all_reduce(num_pos)
+            num_pos = num_pos / dist.get_world_size()
+        return num_pos
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """
+        Args:
+            objectness: ``[R, C]`` logits (C = 1 sigmoid, C = 2 softmax with column 0 background).
+            pred_bbox_deltas: ``[R, 4]``.
+            labels: per image ``[R_n]`` floats, 1 object, 0 background, -1 ignored (between thresholds).
+            regression_targets: per image ``[R_n, 4]``.
+
+        Returns:
+            ``(loss_objectness, loss_rpn_box_reg)``, scalars.
+        """
+        num_images = len(labels)
+        labels = torch.cat(labels, dim=0)
+        regression_targets = torch.cat(regression_targets, dim=0)
+        expected = (labels.shape[0], FORMS[self.form])
+        if tuple(objectness.shape) != expected:
+            raise ValueError(f"{self.form} FocalLossRPN expects objectness {expected}, got {tuple(objectness.shape)}")
+
+        valid = labels >= 0
+        positive = labels == 1
+        targets = positive.to(objectness.dtype)
+        if self.form == "sigmoid":
+            per_anchor = sigmoid_focal_loss(objectness[:, 0], targets, self.alpha, self.gamma)
+        else:
+            per_anchor = softmax_focal_loss(objectness, targets, self.alpha, self.gamma)
+        per_anchor = torch.where(valid, per_anchor, 0.0)  # masks, not indexing: no host sync, no copies
+
+        num_pos = self.reduce_num_positives(positive.sum().to(objectness.dtype))
+        loss_objectness = self.loss_weight * per_anchor.sum() / num_pos.clamp(min=1.0)
+
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
+        loss_rpn_box_reg = torch.where(positive, box_loss, 0.0).sum() / (2 * num_pos).clamp(min=1.0)
+
+        self._record_stats(objectness.detach(), labels, per_anchor.detach(), num_pos, num_images)
+        return loss_objectness, loss_rpn_box_reg
+
+    @torch.no_grad()
+    def _record_stats(
+        self, objectness: Tensor, labels: Tensor, per_anchor: Tensor, num_pos: Tensor, num_images: int
+    ) -> None:
+        """Imbalance diagnostics as device tensors (read them only when logging, to avoid syncs)."""
+        negative = labels == 0
+        easy_negative = negative & (object_logit(objectness) < -math.log(9.0))  # p_t > 0.9
+        total = per_anchor.sum()
+        self.stats = {
+            "positive_anchors_per_image": (labels == 1).sum() / num_images,
+            "negative_anchors_per_image": negative.sum() / num_images,
+            "focal_normalizer": num_pos.clamp(min=1.0),
+            "easy_negative_loss_share": torch.where(easy_negative, per_anchor, 0.0).sum() / total.clamp(min=1e-12),
+        }
+
+    def forward(
+        self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Torchvision's ``forward`` with anchors counted from the ``[N, 4A, Hi, Wi]`` regression maps and
+        proposals scored with one logit per anchor (``z_object - z_background`` in the softmax form).
+
+        Returns:
+            per image ``[P_n, 4]`` proposals sorted by score, and the loss dict in training.
+        """
+        features = list(features.values())
+        objectness, pred_bbox_deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+
+        num_images = len(anchors)
+        num_anchors_per_level = [d.shape[1] // 4 * d.shape[2] * d.shape[3] for d in pred_bbox_deltas]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+        # torchvision does not backprop through the proposals
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors)
+        proposals = proposals.view(num_images, -1, 4)
+        boxes, _scores = self.filter_proposals(
+            proposals, object_logit(objectness.detach()), images.image_sizes, num_anchors_per_level
+        )
+
+        losses = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(
+                objectness, pred_bbox_deltas, labels, regression_targets
+            )
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, losses
+
+
+def object_logit(objectness: Tensor) -> Tensor:
+    """``[R]`` logit whose sigmoid is the object probability, from ``[R, 1]`` or ``[R, 2]`` objectness."""
+    if objectness.shape[-1] == 2:
+        return objectness[:, 1] - objectness[:, 0]
+    return objectness.reshape(-1)
+
+
+def use_focal_rpn(
+    model: GeneralizedRCNN,
+    *,
+    form: str = "softmax",
+    loss_weight: float = 0.1,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    prior_prob: float | None = 0.01,
+) -> GeneralizedRCNN:
+    """Replace ``model.rpn`` of any torchvision ``GeneralizedRCNN`` (Faster / Mask / Keypoint R-CNN) in place.
+
+    Keeps the anchor generator, IoU thresholds, top-n and NMS settings, and the head's shared conv and
+    box-regression weights. The objectness layer is always re-initialised: a trained A-channel layer does
+    not fit a 2A-channel head, and both forms should start from the same prior.
+    """
+    old = model.rpn
+    if form not in FORMS:
+        raise ValueError(f"rpn form must be one of {sorted(FORMS)}, got {form!r}")
+    in_channels = old.head.cls_logits.in_channels
+    num_anchors = old.head.bbox_pred.out_channels // 4
+    head_cls = TwoLogitRPNHead if form == "softmax" else RPNHead
+    head = head_cls(in_channels, num_anchors, conv_depth=len(old.head.conv))
+    head.conv.load_state_dict(old.head.conv.state_dict())
+    head.bbox_pred.load_state_dict(old.head.bbox_pred.state_dict())
+    head.to(old.head.bbox_pred.weight.device)
+    matcher = old.proposal_matcher
+    model.rpn = FocalLossRPN(
+        old.anchor_generator,
+        head,
+        fg_iou_thresh=matcher.high_threshold,
+        bg_iou_thresh=matcher.low_threshold,
+        pre_nms_top_n=dict(old._pre_nms_top_n),
+        post_nms_top_n=dict(old._post_nms_top_n),
+        nms_thresh=old.nms_thresh,
+        score_thresh=old.score_thresh,
+        form=form,
+        loss_weight=loss_weight,
+        alpha=alpha,
+        gamma=gamma,
+        prior_prob=prior_prob,
+    )
+    return model

@@ -1,0 +1,118 @@
+"""build_model: every model x rpn option composes and builds; the swap is one word."""
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
+from fl_rpn.config import CONF_DIR
+from fl_rpn.model import build_backbone
+
+RPN_OPTIONS = sorted(p.stem for p in (CONF_DIR / "rpn").glob("[!_]*.yaml"))
+MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("[!_]*.yaml"))
+
+
+def test_the_options_exist():
+    assert RPN_OPTIONS == ["focal_sigmoid", "focal_softmax", "sampled"]
+    assert {"r50_fpn", "mbv3_fpn", "tiny_fpn"} <= set(MODEL_OPTIONS)
+
+
+@pytest.mark.parametrize("model_name", MODEL_OPTIONS)
+@pytest.mark.parametrize("rpn_name", RPN_OPTIONS)
+def test_every_model_and_rpn_option_builds(compose_cfg, model_name, rpn_name):
+    cfg = compose_cfg(f"model={model_name}", f"rpn={rpn_name}")
+    model = build_model(cfg, num_classes=7)
+    assert isinstance(model, FasterRCNN)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 8
+    if rpn_name == "sampled":
+        assert type(model.rpn) is RegionProposalNetwork
+    else:
+        assert type(model.rpn) is FocalLossRPN
+        assert model.rpn.form == cfg.rpn.form
+        assert isinstance(model.rpn.head, TwoLogitRPNHead) == (cfg.rpn.form == "softmax")
+    assert model.rpn.proposal_matcher.high_threshold == cfg.rpn.fg_iou_thresh
+    assert model.rpn._post_nms_top_n["testing"] == cfg.rpn.post_nms_top_n_test
+
+
+def test_sampled_is_torchvision_untouched(compose_cfg):
+    model = build_model(compose_cfg("rpn=sampled"), num_classes=3)
+    rpn = model.rpn
+    assert type(rpn) is RegionProposalNetwork
+    assert type(rpn).compute_loss is RegionProposalNetwork.compute_loss
+    assert rpn.fg_bg_sampler.batch_size_per_image == 256 and rpn.fg_bg_sampler.positive_fraction == 0.5
+
+
+def test_hyper_parameters_flow_from_overrides(compose_cfg):
+    cfg = compose_cfg("rpn=focal_sigmoid", "rpn.gamma=3", "rpn.alpha=0.5", "rpn.loss_weight=0.2")
+    rpn = build_model(cfg, num_classes=3).rpn
+    assert (rpn.form, rpn.gamma, rpn.alpha, rpn.loss_weight) == ("sigmoid", 3.0, 0.5, 0.2)
+
+
+def test_backbone_weights_errors(compose_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such.pth"):
+        build_backbone(compose_cfg("model=r50_fpn", f"model.backbone_weights={tmp_path}/no_such.pth").model)
+    with pytest.raises(ValueError, match="neither a file nor a torchvision weights name"):
+        build_backbone(compose_cfg("model=r50_fpn", "model.backbone_weights=NOT_A_WEIGHT").model)
+    with pytest.raises(ValueError, match="tiny_fpn has no pretrained weights"):
+        build_backbone(compose_cfg("model.backbone_weights=IMAGENET1K_V1").model)
+
+
+def test_backbone_weights_from_a_local_file(compose_cfg, tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    reference = mobilenet_v3_large()
+    path = tmp_path / "mbv3.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = build_backbone(compose_cfg("model=mbv3_fpn", f"model.backbone_weights={path}").model)
+    torch.testing.assert_close(backbone.body["0"][0].weight, reference.features[0][0].weight)
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="not a mobilenet_v3_large state dict"):
+        build_backbone(compose_cfg("model=mbv3_fpn", f"model.backbone_weights={bad}").model)
+
+
+def test_offline_weights_name_says_where_to_put_the_file(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"put that file at .*checkpoints.*resnet50-"):
+        build_backbone(compose_cfg("model=r50_fpn", "model.backbone_weights=IMAGENET1K_V1").model)
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 128, 160, generator=g) * 0.2 for _ in range(2)]
+    boxes = [
+        torch.tensor([[20.0, 20.0, 60.0, 70.0], [80.0, 30.0, 140.0, 100.0]]),
+        torch.tensor([[30.0, 40.0, 90.0, 90.0]]),
+    ]
+    for img, b in zip(images, boxes):
+        for x1, y1, x2, y2 in b.int().tolist():
+            img[:, y1:y2, x1:x2] = 0.9
+    targets = [{"boxes": b, "labels": torch.ones(len(b), dtype=torch.int64)} for b in boxes]
+    return images, targets
+
+
+@pytest.mark.parametrize("rpn_name", RPN_OPTIONS)
+def test_training_steps_decrease_the_loss_on_a_fixed_batch(compose_cfg, rpn_name):
+    torch.manual_seed(0)
+    cfg = compose_cfg(f"rpn={rpn_name}", "model.detector.min_size=128", "model.detector.max_size=160")
+    model = build_model(cfg, num_classes=1).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images, targets = fixed_batch()
+    history = []
+    for _ in range(8):
+        losses = model(images, targets)
+        rpn_loss = losses["loss_objectness"] + losses["loss_rpn_box_reg"]
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append((total.item(), rpn_loss.item()))
+    assert all(torch.isfinite(torch.tensor(h)).all() for h in history)
+    assert history[-1][0] < 0.8 * history[0][0]
+    assert history[-1][1] < history[0][1]
