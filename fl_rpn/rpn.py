@@ -23,6 +23,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
+from .diagnostics import anchor_statistics
 from .losses import sigmoid_focal_loss, softmax_focal_loss
 
 __all__ = ["FocalLossRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "FORMS"]
@@ -167,23 +168,11 @@ class FocalLossRPN(RegionProposalNetwork):
         box_loss = F.smooth_l1_loss(pred_bbox_deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
         loss_rpn_box_reg = torch.where(positive, box_loss, 0.0).sum() / (2 * num_pos).clamp(min=1.0)
 
-        self._record_stats(objectness.detach(), labels, per_anchor.detach(), num_pos, num_images)
+        self.stats = anchor_statistics(
+            object_logit(objectness.detach()), labels, per_anchor.detach(), valid, num_images
+        )
+        self.stats["focal_normalizer"] = num_pos.detach().clamp(min=1.0)
         return loss_objectness, loss_rpn_box_reg
-
-    @torch.no_grad()
-    def _record_stats(
-        self, objectness: Tensor, labels: Tensor, per_anchor: Tensor, num_pos: Tensor, num_images: int
-    ) -> None:
-        """Imbalance diagnostics as device tensors (read them only when logging, to avoid syncs)."""
-        negative = labels == 0
-        easy_negative = negative & (object_logit(objectness) < -math.log(9.0))  # p_t > 0.9
-        total = per_anchor.sum()
-        self.stats = {
-            "positive_anchors_per_image": (labels == 1).sum() / num_images,
-            "negative_anchors_per_image": negative.sum() / num_images,
-            "focal_normalizer": num_pos.clamp(min=1.0),
-            "easy_negative_loss_share": torch.where(easy_negative, per_anchor, 0.0).sum() / total.clamp(min=1e-12),
-        }
 
     def forward(
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None

@@ -1,0 +1,42 @@
+"""SGD with the linear lr-scaling rule, and an iteration-based warm-up + step schedule."""
+
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim import SGD, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
+    """Linear scaling (Goyal et al. 2017): ``lr * global_batch / base_batch_size``."""
+    return optim_cfg.lr * global_batch / optim_cfg.base_batch_size
+
+
+def build_optimizer(model: nn.Module, optim_cfg: DictConfig, cls_lr_mult: float, global_batch: int) -> Optimizer:
+    """SGD over trainable parameters; the RPN objectness layer gets ``lr * cls_lr_mult``.
+
+    ``cls_lr_mult = 2`` on the sigmoid form gives its logit the step size the softmax form's logit
+    difference gets (the two logits of the softmax form each move, and their difference moves twice).
+    """
+    if optim_cfg.name != "sgd":
+        raise ValueError(f"optim.name must be 'sgd', got {optim_cfg.name!r}")
+    lr = scaled_lr(optim_cfg, global_batch)
+    cls_params = {id(p) for p in model.rpn.head.cls_logits.parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in trainable if id(p) not in cls_params], "lr": lr, "name": "base"},
+        {"params": [p for _, p in trainable if id(p) in cls_params], "lr": lr * cls_lr_mult, "name": "rpn_cls"},
+    ]
+    return SGD(groups, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+
+
+def lr_factor(iteration: int, schedule: DictConfig) -> float:
+    """Multiplier of the base lr at ``iteration``: linear warm-up from ``warmup_factor``, then x gamma per step."""
+    factor = schedule.gamma ** sum(iteration >= s for s in schedule.steps)
+    if iteration < schedule.warmup_iters:
+        alpha = iteration / schedule.warmup_iters
+        factor *= schedule.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_scheduler(optimizer: Optimizer, schedule: DictConfig) -> LambdaLR:
+    return LambdaLR(optimizer, lambda it: lr_factor(it, schedule))

@@ -1,0 +1,47 @@
+"""``fl-rpn-eval``: evaluate a saved checkpoint on any dataset config, write ``metrics.json``."""
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from .config import CONF_DIR
+from .data import build_dataset
+from .engine.checkpoint import model_from_checkpoint
+from .engine.distributed import DistInfo
+from .engine.trainer import run_evaluation, select_device
+from .evaluation import summarize
+from .provenance import provenance
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    device = select_device(cfg.device)
+    model, ckpt = model_from_checkpoint(cfg.checkpoint)
+    val_set = build_dataset(cfg.dataset.val, train=False)
+    trained_classes = ckpt["meta"]["class_names"]
+    if val_set.meta.class_names != trained_classes:
+        raise ValueError(
+            f"dataset {cfg.dataset.name} has classes {val_set.meta.class_names[:5]}... but checkpoint "
+            f"{cfg.checkpoint} was trained on {trained_classes[:5]}..."
+        )
+    metrics = run_evaluation(cfg, model.to(device), val_set, device, dist_info=DistInfo())
+    record = {**metrics, "checkpoint": str(cfg.checkpoint), "iteration": ckpt.get("iteration")}
+    record["provenance"] = provenance(cfg)
+    record["provenance"].update(model=ckpt["config"]["model"]["name"], rpn=ckpt["config"]["rpn"]["name"])
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    print(summarize({k: v for k, v in metrics.items() if "/AP/" not in k}))
+    return metrics
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base=None)
+def main(cfg: DictConfig) -> None:
+    torch.set_grad_enabled(False)
+    evaluate_checkpoint(cfg)
+
+
+if __name__ == "__main__":
+    main()

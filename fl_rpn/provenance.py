@@ -1,0 +1,62 @@
+"""Where a number came from: commit, hardware, software, command, seed, dataset and schedule."""
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """``<sha>`` of the checkout, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True,
+            timeout=10,
+        ).stdout.strip()  # fmt: skip
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def provenance(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
+    return {
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "world_size": world_size,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "seed": cfg.seed,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "rpn": cfg.rpn.name,
+        "schedule": f"{cfg.schedule.name}: {cfg.schedule.max_iters} iterations x {cfg.batch_size * world_size} images",
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
