@@ -14,7 +14,7 @@ MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("[!_]*.yaml"))
 
 
 def test_the_options_exist():
-    assert RPN_OPTIONS == ["focal_sigmoid", "focal_softmax", "sampled"]
+    assert RPN_OPTIONS == ["focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "sampled"]
     assert {"r50_fpn", "mbv3_fpn", "tiny_fpn"} <= set(MODEL_OPTIONS)
 
 
