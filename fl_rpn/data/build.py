@@ -1,0 +1,105 @@
+"""Config node -> dataset -> DataLoader.
+
+A dataset node names its ``format`` and, beside it, exactly the arguments of that format's reader:
+
+- ``{format: coco, images: DIR, annotations: FILE.json, keep_empty: true}``         -> ``read_coco``
+- ``{format: voc, root: VOCdevkit, sets: [[2007, trainval], [2012, trainval]]}``      -> ``read_voc``
+  (``sets`` is the list of (year, split) pairs; it is ``read_voc``'s ``year`` argument)
+- ``{format: yolo, images: DIR, labels: DIR, names: data.yaml, category_ids: coco80}`` -> ``read_yolo``
+- ``{format: synthetic, cache_dir: DIR, split: train, num_images: 400, seed: 0, image_size: [256, 320]}``
+  -> ``ensure_synthetic`` (any other ``make_synthetic_coco`` argument may be added), then ``read_coco``
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from .batching import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+from .coco import read_coco
+from .dataset import DetectionDataset
+from .synthetic import ensure_synthetic, make_synthetic_coco
+from .transforms import build_transforms
+from .voc import read_voc
+from .yolo import read_yolo
+
+
+def _read_synthetic(**kwargs: Any):
+    images, annotations = ensure_synthetic(**kwargs)
+    return read_coco(images, annotations)
+
+
+def _read_voc(root: str, sets: list) -> Any:
+    return read_voc(root, [tuple(s) for s in sets])
+
+
+READERS = {"coco": read_coco, "voc": _read_voc, "yolo": read_yolo, "synthetic": _read_synthetic}
+_SYNTHETIC_KEYS = (set(inspect.signature(ensure_synthetic).parameters) - {"params"}) | (
+    set(inspect.signature(make_synthetic_coco).parameters) - {"root", "num_images", "seed"}
+)
+
+
+def read_dataset(cfg_split: Mapping | DictConfig):
+    """Run the reader a node names; returns ``(records, meta, stats)``."""
+    node = OmegaConf.to_container(cfg_split, resolve=True) if isinstance(cfg_split, DictConfig) else dict(cfg_split)
+    fmt = node.pop("format", None)
+    if fmt not in READERS:
+        raise ValueError(f"Dataset node has format {fmt!r}; expected one of {sorted(READERS)}.")
+    reader = READERS[fmt]
+    allowed = _SYNTHETIC_KEYS if fmt == "synthetic" else set(inspect.signature(reader).parameters)
+    unknown = sorted(set(node) - allowed)
+    if unknown:
+        raise ValueError(f"Dataset node of format {fmt!r} has unknown keys {unknown}; allowed: {sorted(allowed)}.")
+    return reader(**node)
+
+
+def build_dataset(cfg_split: Mapping | DictConfig, train: bool, hflip_prob: float = 0.5) -> DetectionDataset:
+    """Dataset for one split; training gets a random horizontal flip and drops ignored boxes."""
+    records, meta, _ = read_dataset(cfg_split)
+    return DetectionDataset(records, meta, transforms=build_transforms(train, hflip_prob), train=train)
+
+
+def build_loader(
+    dataset: DetectionDataset,
+    batch_size: int,
+    num_workers: int,
+    train: bool,
+    seed: int,
+    group_aspect_ratio: bool,
+    distributed: bool = False,
+    aspect_ratio_group_factor: int = 3,
+) -> DataLoader:
+    """DataLoader yielding ``(images, targets)`` tuples.
+
+    Train: shuffled by a ``torch.Generator`` seeded with ``seed`` (or DistributedSampler with ``seed``;
+    the caller calls ``loader.batch_sampler.sampler.set_epoch`` each epoch), batches grouped by aspect
+    ratio when ``group_aspect_ratio``. Eval: sequential order (DistributedSampler without shuffling when
+    distributed; it pads with repeated images to equal rank sizes, so evaluators should dedupe by
+    ``image_id``). Worker seeds come from a generator seeded with ``seed``, so random flips in workers
+    are reproducible.
+    """
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    if train and group_aspect_ratio:
+        groups = create_aspect_ratio_groups(dataset.aspect_ratios(), aspect_ratio_group_factor)
+        batch_sampler = GroupedBatchSampler(sampler, groups, batch_size)
+    else:
+        batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed + 1),
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,103 @@
+"""The in-memory form every reader produces, independent of the file format.
+
+Shapes: M boxes in one image; boxes are absolute ``xyxy`` pixels in continuous coordinates
+(a box covering pixel columns 0..9 is ``x1=0, x2=10``); labels are contiguous ``1..K``, 0 is background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class ImageRecord:
+    """One image and its annotations.
+
+    ``boxes`` float32 [M, 4] xyxy; ``labels`` int64 [M] in 1..K; ``ignore`` bool [M] marks COCO crowd
+    regions and VOC ``difficult`` objects, which stay out of the training loss and are ignored by the
+    evaluators; ``areas`` float32 [M] is COCO's own ``area`` (the object's segment area, which decides
+    APs/APm/APl) when the source has one, else None; ``source_id`` is the dataset's own image name
+    (VOC id, YOLO stem) when it has one.
+    """
+
+    file: Path
+    image_id: int
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray
+    ignore: np.ndarray
+    areas: np.ndarray | None = None
+    source_id: str | None = None
+
+
+@dataclass
+class DatasetMeta:
+    """What the model and the evaluators need to know about the label space.
+
+    ``class_names[k]`` names label ``k + 1``; ``category_ids[k]`` is the dataset's own category id for
+    label ``k + 1`` (COCO ids have gaps; other formats use ``1..K`` unless told otherwise).
+    """
+
+    class_names: list[str]
+    category_ids: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != len(self.category_ids):
+            raise ValueError(
+                f"DatasetMeta has {len(self.class_names)} class names but {len(self.category_ids)} category ids."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """K, not counting the background."""
+        return len(self.class_names)
+
+
+def clip_and_keep(boxes: np.ndarray, width: int, height: int, min_size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Clip xyxy ``boxes`` [M, 4] to the image and flag the ones worth keeping.
+
+    Returns the clipped float32 boxes [M, 4] and a bool mask [M] that is False for degenerate boxes,
+    whose width or height is ``<= min_size`` pixels after clipping.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    clipped = boxes.copy()
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    w = clipped[:, 2] - clipped[:, 0]
+    h = clipped[:, 3] - clipped[:, 1]
+    return clipped, (w > min_size) & (h > min_size)
+
+
+def make_record(
+    file: Path,
+    image_id: int,
+    width: int,
+    height: int,
+    boxes: list | np.ndarray,
+    labels: list | np.ndarray,
+    ignore: list | np.ndarray,
+    stats: dict[str, int],
+    areas: list | np.ndarray | None = None,
+    source_id: str | None = None,
+) -> ImageRecord:
+    """Build an ImageRecord from raw xyxy boxes, clipping them and dropping degenerate ones.
+
+    Counts the dropped boxes in ``stats['degenerate_boxes_dropped']``.
+    """
+    boxes, keep = clip_and_keep(np.asarray(boxes, dtype=np.float32), width, height)
+    stats["degenerate_boxes_dropped"] = stats.get("degenerate_boxes_dropped", 0) + int((~keep).sum())
+    return ImageRecord(
+        file=Path(file),
+        image_id=int(image_id),
+        width=int(width),
+        height=int(height),
+        boxes=boxes[keep],
+        labels=np.asarray(labels, dtype=np.int64).reshape(-1)[keep],
+        ignore=np.asarray(ignore, dtype=bool).reshape(-1)[keep],
+        areas=None if areas is None else np.asarray(areas, dtype=np.float32).reshape(-1)[keep],
+        source_id=source_id,
+    )

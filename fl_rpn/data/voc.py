@@ -1,0 +1,116 @@
+"""Reader for PASCAL VOC (VOCdevkit layout, one XML file per image)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from .records import DatasetMeta, ImageRecord, make_record
+
+VOC_CLASSES = [
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
+
+
+def _text(node: ET.Element, key: str, xml_file: Path) -> str:
+    child = node.find(key)
+    if child is None or child.text is None:
+        raise ValueError(f"VOC annotation {xml_file} has no <{key}> under <{node.tag}>.")
+    return child.text.strip()
+
+
+def parse_voc_xml(xml_file: Path) -> tuple[int, int, list[list[float]], list[int], list[bool]]:
+    """Parse one VOC XML file into ``(width, height, boxes, labels, difficult)``.
+
+    VOC stores 1-based inclusive pixel indices; like torchvision's and detectron2's VOC loaders we
+    subtract 1 from ``xmin`` and ``ymin`` only, which turns them into 0-based continuous ``xyxy``
+    (a box over pixels 1..10 becomes ``x1=0, x2=10``).
+    """
+    try:
+        root = ET.parse(xml_file).getroot()
+    except ET.ParseError as e:
+        raise ValueError(f"VOC annotation {xml_file} is not valid XML: {e}") from e
+    size = root.find("size")
+    if size is None:
+        raise ValueError(f"VOC annotation {xml_file} has no <size>.")
+    width, height = int(_text(size, "width", xml_file)), int(_text(size, "height", xml_file))
+    boxes, labels, difficult = [], [], []
+    for obj in root.iter("object"):
+        name = _text(obj, "name", xml_file)
+        if name not in VOC_CLASSES:
+            raise ValueError(f"VOC annotation {xml_file} has an object of unknown class {name!r}.")
+        bb = obj.find("bndbox")
+        if bb is None:
+            raise ValueError(f"VOC annotation {xml_file} has an object {name!r} without <bndbox>.")
+        x1, y1, x2, y2 = (float(_text(bb, k, xml_file)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append([x1 - 1, y1 - 1, x2, y2])
+        labels.append(VOC_CLASSES.index(name) + 1)
+        flag = obj.find("difficult")
+        difficult.append(flag is not None and flag.text is not None and int(flag.text) == 1)
+    return width, height, boxes, labels, difficult
+
+
+def read_voc(
+    root: str | Path,
+    year: str | int | Sequence[tuple[str | int, str]] = "2007",
+    split: str = "trainval",
+) -> tuple[list[ImageRecord], DatasetMeta, dict[str, int]]:
+    """Read ``root/VOC<year>/ImageSets/Main/<split>.txt`` with its ``Annotations/`` and ``JPEGImages/``.
+
+    ``year`` may instead be a list of ``(year, split)`` pairs read one after the other, e.g.
+    ``[("2007", "trainval"), ("2012", "trainval")]`` for VOC07+12 (``split`` is then unused).
+    ``difficult`` objects are kept with ``ignore=True``. ``image_id`` is a running index over all
+    sets; ``source_id`` keeps the VOC id (e.g. ``"000005"``). Coordinates: see ``parse_voc_xml``.
+
+    Stats: ``difficult_boxes``, ``degenerate_boxes_dropped``, ``empty_images``.
+    """
+    root = Path(root)
+    sets = [(str(year), split)] if isinstance(year, str | int) else [(str(y), str(s)) for y, s in year]
+    stats = {"difficult_boxes": 0, "degenerate_boxes_dropped": 0, "empty_images": 0}
+    records: list[ImageRecord] = []
+    for y, s in sets:
+        base = root / f"VOC{y}"
+        list_file = base / "ImageSets" / "Main" / f"{s}.txt"
+        if not list_file.is_file():
+            raise FileNotFoundError(f"VOC image list {list_file} does not exist.")
+        for name in list_file.read_text().split():
+            xml_file = base / "Annotations" / f"{name}.xml"
+            if not xml_file.is_file():
+                raise FileNotFoundError(f"VOC annotation {xml_file} (listed in {list_file}) does not exist.")
+            width, height, boxes, labels, difficult = parse_voc_xml(xml_file)
+            record = make_record(
+                base / "JPEGImages" / f"{name}.jpg",
+                len(records),
+                width,
+                height,
+                boxes,
+                labels,
+                difficult,
+                stats,
+                source_id=name,
+            )
+            stats["difficult_boxes"] += int(record.ignore.sum())
+            stats["empty_images"] += int(len(record.boxes) == 0)
+            records.append(record)
+    meta = DatasetMeta(class_names=list(VOC_CLASSES), category_ids=list(range(1, len(VOC_CLASSES) + 1)))
+    return records, meta, stats

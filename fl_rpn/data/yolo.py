@@ -1,0 +1,200 @@
+"""Reader for YOLO-format detection labels (one ``<stem>.txt`` per image, normalised ``cls cx cy w h``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from .records import DatasetMeta, ImageRecord, make_record
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+# The 80 contiguous classes of YOLO's COCO exports -> the COCO category ids (1..90 with gaps).
+COCO80_TO_COCO91 = [
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
+]
+
+
+def load_yolo_names(names: str | Path | Sequence[str] | Mapping[int, str]) -> list[str]:
+    """Class names from a YOLO data yaml (``names:`` as a list or a ``{index: name}`` dict) or directly."""
+    source = "the given names"
+    if isinstance(names, str | Path):
+        source = str(names)
+        path = Path(names)
+        if not path.is_file():
+            raise FileNotFoundError(f"YOLO data yaml {path} does not exist.")
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict) or "names" not in data:
+            raise ValueError(f"YOLO data yaml {path} has no 'names' key.")
+        names = data["names"]
+    if isinstance(names, Mapping):
+        keys = sorted(int(k) for k in names)
+        if keys != list(range(len(keys))):
+            raise ValueError(f"YOLO class names in {source} must be indexed 0..{len(keys) - 1} without gaps.")
+        names = [names[k] if k in names else names[str(k)] for k in keys]
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError(f"YOLO class names in {source} are empty.")
+    return names
+
+
+def _category_ids(category_ids: Sequence[int] | Mapping[int, int] | str | None, k: int) -> list[int]:
+    if category_ids is None:
+        return list(range(1, k + 1))
+    if isinstance(category_ids, str):
+        if category_ids != "coco80":
+            raise ValueError(f"category_ids {category_ids!r} is not known; use 'coco80', a list or a dict.")
+        category_ids = COCO80_TO_COCO91
+    if isinstance(category_ids, Mapping):
+        category_ids = [category_ids[i] for i in range(k)]
+    if len(category_ids) != k:
+        raise ValueError(f"category_ids has {len(category_ids)} entries but there are {k} class names.")
+    return [int(c) for c in category_ids]
+
+
+def _read_label_file(path: Path, width: int, height: int, k: int) -> tuple[list[list[float]], list[int]]:
+    boxes, labels = [], []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 5:
+            raise ValueError(f"YOLO label file {path}, line {line_no}: expected 'cls cx cy w h', got {line!r}.")
+        try:
+            cls = int(fields[0])
+            cx, cy, w, h = (float(f) for f in fields[1:])
+        except ValueError as e:
+            raise ValueError(f"YOLO label file {path}, line {line_no}: cannot parse {line!r}.") from e
+        if not 0 <= cls < k:
+            raise ValueError(f"YOLO label file {path}, line {line_no}: class {cls} is outside 0..{k - 1}.")
+        boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
+        labels.append(cls + 1)
+    return boxes, labels
+
+
+def read_yolo(
+    images: str | Path,
+    labels: str | Path,
+    names: str | Path | Sequence[str] | Mapping[int, str],
+    category_ids: Sequence[int] | Mapping[int, int] | str | None = None,
+) -> tuple[list[ImageRecord], DatasetMeta, dict[str, int]]:
+    """Read every image in the folder ``images`` with its labels ``labels/<stem>.txt``.
+
+    Normalised ``cx cy w h`` become absolute ``xyxy`` using each image's real size (read from the file
+    header only). An image without a label file, or with an empty one, is a negative image. YOLO class
+    ``c`` becomes label ``c + 1``; K is ``len(names)`` whether or not every class occurs.
+    ``category_ids`` maps class index -> the id evaluation should report (a list, a dict, or
+    ``"coco80"`` for ``COCO80_TO_COCO91``); by default ``1..K``. ``image_id`` is a running index in
+    file-name order; ``source_id`` is the file stem.
+
+    Stats: ``missing_label_files``, ``empty_images``, ``degenerate_boxes_dropped``,
+    ``label_files_without_image``.
+    """
+    images, labels = Path(images), Path(labels)
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"YOLO folder {folder} does not exist.")
+    class_names = load_yolo_names(names)
+    meta = DatasetMeta(class_names=class_names, category_ids=_category_ids(category_ids, len(class_names)))
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    stats = {"missing_label_files": 0, "empty_images": 0, "degenerate_boxes_dropped": 0}
+    records = []
+    for image_id, file in enumerate(files):
+        with Image.open(file) as im:  # reads the header only
+            width, height = im.size
+        label_file = labels / f"{file.stem}.txt"
+        boxes, classes = [], []
+        if label_file.is_file():
+            boxes, classes = _read_label_file(label_file, width, height, len(class_names))
+        else:
+            stats["missing_label_files"] += 1
+        record = make_record(
+            file, image_id, width, height, boxes, classes, [False] * len(boxes), stats, source_id=file.stem
+        )
+        stats["empty_images"] += int(len(record.boxes) == 0)
+        records.append(record)
+    stems = {f.stem for f in files}
+    stats["label_files_without_image"] = sum(p.stem not in stems for p in labels.glob("*.txt"))
+    return records, meta, stats

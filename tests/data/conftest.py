@@ -1,0 +1,55 @@
+"""Tiny on-disk fixtures for the data tests: images are written with torchvision.io."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_jpeg, write_png
+
+
+def write_image(path: Path, width: int, height: int, value: int = 128) -> torch.Tensor:
+    """Write a uniform uint8 RGB image (PNG or JPEG by suffix); return its [3, H, W] tensor."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = torch.full((3, height, width), value, dtype=torch.uint8)
+    (write_jpeg if path.suffix == ".jpg" else write_png)(image, str(path))
+    return image
+
+
+@pytest.fixture
+def coco_files(tmp_path: Path) -> tuple[Path, Path]:
+    """Three images and a COCO json with gapped, unordered category ids (90, 1, 5), a crowd box,
+    a degenerate box, a box crossing the border and an image without annotations."""
+    images = tmp_path / "images"
+    write_image(images / "a.png", 40, 30)
+    write_image(images / "b.png", 20, 10)
+    write_image(images / "c.png", 16, 16)
+    data = {
+        "images": [
+            {"id": 7, "file_name": "a.png", "width": 40, "height": 30},
+            {"id": 3, "file_name": "c.png", "width": 16, "height": 16},
+            {"id": 5, "file_name": "b.png", "width": 20, "height": 10},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 1, "bbox": [2, 3, 10, 5], "area": 40.5, "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 90, "bbox": [0, 0, 20, 20], "area": 123.0, "iscrowd": 1},
+            {"id": 3, "image_id": 7, "category_id": 5, "bbox": [5, 5, 0.5, 10], "area": 5.0, "iscrowd": 0},
+            {"id": 4, "image_id": 7, "category_id": 5, "bbox": [35, 25, 10, 10], "area": 100.0, "iscrowd": 0},
+            {"id": 5, "image_id": 5, "category_id": 5, "bbox": [1, 1, 4, 2], "area": 8.0, "iscrowd": 0},
+        ],
+        "categories": [
+            {"id": 90, "name": "toothbrush"},
+            {"id": 1, "name": "person"},
+            {"id": 5, "name": "airplane"},
+        ],
+    }
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps(data))
+    return images, annotations
+
+
+@pytest.fixture
+def image_writer():
+    return write_image
