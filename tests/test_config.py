@@ -1,0 +1,58 @@
+"""Every option of every config group composes, validates, and (where it needs no external files) builds."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from fl_rpn.config import CONF_DIR, compose_config
+from fl_rpn.data import build_dataset
+from fl_rpn.engine.optim import build_optimizer, build_scheduler, lr_factor
+from fl_rpn.model import build_model
+from fl_rpn.validation import validate_config
+
+GROUPS = ["dataset", "model", "rpn", "optim", "schedule", "eval", "scale", "experiment"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("[!_]*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    validate_config(cfg)
+    OmegaConf.to_container(cfg.dataset, resolve=True)  # every interpolation resolves
+    assert cfg.dataset.train.format in {"coco", "voc", "yolo", "synthetic"}
+
+
+def test_the_default_is_the_cpu_demo():
+    cfg = compose_config()
+    assert (cfg.dataset.name, cfg.model.name, cfg.rpn.name, cfg.schedule.name) == (
+        "synthetic", "tiny_fpn", "focal_softmax", "cpu_demo",
+    )  # fmt: skip
+
+
+def test_synthetic_dataset_and_optimizer_build(tmp_path):
+    cfg = compose_config([f"cache_dir={tmp_path}", "dataset.train.num_images=3", "dataset.val.num_images=2"])
+    train_set = build_dataset(cfg.dataset.train, train=True)
+    assert len(train_set) == 3 and train_set.meta.num_classes == len(train_set.meta.class_names) > 1
+    model = build_model(cfg, train_set.meta.num_classes)
+    optimizer = build_optimizer(model, cfg.optim, cls_lr_mult=2.0, global_batch=8)
+    base, cls = optimizer.param_groups
+    assert base["lr"] == pytest.approx(0.02 * 8 / 16) and cls["lr"] == pytest.approx(2 * base["lr"])
+    assert {id(p) for p in cls["params"]} == {id(p) for p in model.rpn.head.cls_logits.parameters()}
+    build_scheduler(optimizer, cfg.schedule)
+
+
+def test_lr_schedule_values():
+    s = OmegaConf.create({"warmup_iters": 10, "warmup_factor": 0.001, "steps": [20, 30], "gamma": 0.1})
+    assert lr_factor(0, s) == pytest.approx(0.001)
+    assert lr_factor(5, s) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(10, s) == 1.0 and lr_factor(19, s) == 1.0
+    assert lr_factor(20, s) == pytest.approx(0.1) and lr_factor(30, s) == pytest.approx(0.01)
+
+
+def test_experiment_sweeps_name_real_options():
+    for name in options("experiment"):
+        params = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml").hydra.sweeper.params
+        for rpn in str(params.rpn).split(","):
+            assert rpn in options("rpn")
