@@ -69,3 +69,13 @@ def test_shape_errors_and_probability():
         softmax_focal_loss(torch.zeros(4, 1), torch.zeros(4))
     torch.testing.assert_close(objectness_probability(torch.tensor([[0.0, math.log(3.0)]])), torch.tensor([0.75]))
     torch.testing.assert_close(objectness_probability(torch.tensor([[0.0]])), torch.tensor([0.5]))
+
+
+def test_softmax_form_equals_the_log_softmax_definition():
+    logits = torch.randn(500, 2, dtype=torch.float64) * 20
+    logits[:3] = torch.tensor([[50.0, -50.0], [-50.0, 50.0], [0.0, 0.0]], dtype=torch.float64)
+    targets = torch.randint(0, 2, (500,))
+    log_p_t = torch.log_softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1)
+    alpha_t = torch.where(targets == 1, 0.25, 0.75).double()
+    reference = -alpha_t * (1 - log_p_t.exp()) ** 2 * log_p_t
+    torch.testing.assert_close(softmax_focal_loss(logits, targets), reference)
