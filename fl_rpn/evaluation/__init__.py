@@ -26,7 +26,7 @@ def build_evaluators(
     names: Sequence[str],
     meta: Any,
     *,
-    backend: str = "pycocotools",
+    backend: str = "faster_coco_eval",
     max_proposals: Sequence[int] = (100, 300, 1000),
     use_07_metric: bool = True,
 ) -> list[Evaluator]:
