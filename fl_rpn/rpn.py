@@ -155,18 +155,20 @@ class FocalLossRPN(RegionProposalNetwork):
 
         valid = labels >= 0
         positive = labels == 1
-        targets = positive.to(objectness.dtype)
         if self.form == "sigmoid":
-            per_anchor = sigmoid_focal_loss(objectness[:, 0], targets, self.alpha, self.gamma)
+            per_anchor = sigmoid_focal_loss(objectness[:, 0], positive, self.alpha, self.gamma)
         else:
-            per_anchor = softmax_focal_loss(objectness, targets, self.alpha, self.gamma)
+            per_anchor = softmax_focal_loss(objectness, positive, self.alpha, self.gamma)
         per_anchor = torch.where(valid, per_anchor, 0.0)  # masks, not indexing: no host sync, no copies
 
-        num_pos = self.reduce_num_positives(positive.sum().to(objectness.dtype))
+        num_pos = self.reduce_num_positives(positive.count_nonzero().to(objectness.dtype))
         loss_objectness = self.loss_weight * per_anchor.sum() / num_pos.clamp(min=1.0)
 
-        box_loss = F.smooth_l1_loss(pred_bbox_deltas, regression_targets, beta=1 / 9, reduction="none").sum(dim=1)
-        loss_rpn_box_reg = torch.where(positive, box_loss, 0.0).sum() / (2 * num_pos).clamp(min=1.0)
+        # Only the few positives (~0.1 % of R) have a box loss: index them (one host sync, as torchvision's
+        # sampler and filter_proposals have) rather than run smooth L1 and its backward over all R x 4 deltas.
+        pos_idx = torch.where(positive)[0]
+        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos_idx], regression_targets[pos_idx], beta=1 / 9, reduction="sum")
+        loss_rpn_box_reg = box_loss / (2 * num_pos).clamp(min=1.0)
 
         self.stats = anchor_statistics(
             object_logit(objectness.detach()), labels, per_anchor.detach(), valid, num_images

@@ -23,15 +23,18 @@ def main() -> None:
     base = compose_config(["dataset=coco128", f"model={args.model}"])
     dataset = build_dataset(base.dataset.train, train=True, hflip_prob=0.0)
     images, targets = collate_fn([dataset[i] for i in range(args.images)])
-    print(f"| form | prior_prob | loss_objectness | mean initial object probability |  ({args.model}, {args.images} images)")
+    header = "| form | prior_prob | loss_objectness | mean initial object probability |"
+    print(f"{header}  ({args.model}, {args.images} images)")
     print("|---|---|---|---|")
     for form in ("sigmoid", "softmax"):
         for prior in ("0.01", "null"):
             torch.manual_seed(0)
-            cfg = compose_config(["dataset=coco128", f"model={args.model}", f"rpn=focal_{form}", f"rpn.prior_prob={prior}"])
+            cfg = compose_config(
+                ["dataset=coco128", f"model={args.model}", f"rpn=focal_{form}", f"rpn.prior_prob={prior}"]
+            )
             model = build_model(cfg, num_classes=dataset.meta.num_classes).train()
             captured = {}
-            hook = model.rpn.head.register_forward_hook(lambda m, i, o: captured.update(maps=o[0]))
+            hook = model.rpn.head.register_forward_hook(lambda m, i, o, store=captured: store.update(maps=o[0]))
             with torch.no_grad():
                 losses = model(list(images), list(targets))
             hook.remove()

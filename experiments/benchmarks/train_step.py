@@ -1,0 +1,205 @@
+"""Whole training step, sampled RPN vs FL-RPN (sigmoid, softmax): time and peak memory, interleaved.
+
+One step is what ``fl_rpn.engine.trainer`` does per iteration: forward in train mode (losses), sum,
+the finiteness check, ``zero_grad``, ``backward``, SGD ``step`` (``fl_rpn.engine.optim.build_optimizer``),
+with the anchor diagnostics attached to the sampled RPN as the trainer attaches them
+(``--no-diagnostics`` to drop them). Models come from ``fl_rpn.config.compose_config`` +
+``fl_rpn.build_model``, all arms from the same seed; the batch is a fixed set of synthetic tensors
+(no disk I/O): images uniform in [0, 1], 1-6 boxes per image of 8-50 % of the image side.
+
+    python experiments/benchmarks/train_step.py                                  # tiny_fpn, CPU demo scale
+    python experiments/benchmarks/train_step.py --model r50_fpn --size 800,1333 --batch 2 --device cuda
+    python experiments/benchmarks/train_step.py --profile                        # + torch.profiler tables
+
+Peak memory: CUDA ``max_memory_allocated`` above the memory held before the step; CPU: peak of the
+tensor bytes allocated (and not yet freed) during one step, from ``torch.profiler(profile_memory=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import (
+    fmt_bytes,
+    interleaved_times,
+    iqr,
+    load_average,
+    markdown_table,
+    median,
+    peak_memory_bytes,
+    provenance_lines,
+    select_device,
+    synchronize,
+    wait_for_quiet,
+    write_section,
+)
+
+from fl_rpn import build_model
+from fl_rpn.config import compose_config
+from fl_rpn.diagnostics import attach_anchor_diagnostics
+from fl_rpn.engine.optim import build_optimizer
+
+ARMS = ("sampled", "focal_sigmoid", "focal_softmax")
+
+
+def make_batch(batch: int, size: tuple[int, int], num_classes: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        n = int(torch.randint(1, 7, (1,), generator=g))
+        side = torch.empty(n, 2).uniform_(0.08, 0.5, generator=g) * torch.tensor([w, h])
+        x0 = torch.rand(n, generator=g) * (w - side[:, 0])
+        y0 = torch.rand(n, generator=g) * (h - side[:, 1])
+        boxes = torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], dim=1)
+        labels = torch.randint(1, num_classes + 1, (n,), generator=g)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device)})
+    return images, targets
+
+
+def make_arm(arm: str, args, num_classes: int, device: torch.device):
+    overrides = [f"model={args.model}", f"rpn={arm}", f"batch_size={args.batch}"]
+    if args.size:
+        overrides += [f"model.detector.min_size={args.size[0]}", f"model.detector.max_size={args.size[1]}"]
+    cfg = compose_config(overrides)
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, num_classes=num_classes).to(device).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not args.no_diagnostics:
+        attach_anchor_diagnostics(model.rpn)  # a no-op for FocalLossRPN, which records its own
+    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
+    return model, optimizer
+
+
+def make_step(model, optimizer, images, targets, device, amp_dtype):
+    def step() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {losses}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def profile_table(step, device: torch.device, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny_fpn", help="tiny_fpn | mbv3_fpn | r50_fpn (conf/model)")
+    parser.add_argument("--batch", type=int, default=4, help="images per step")
+    parser.add_argument("--size", default="256,320", help="H,W of the images (also min_size,max_size); '' keeps "
+                        "the model config's resize")  # fmt: skip
+    parser.add_argument("--num-classes", type=int, default=5)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--rounds", type=int, default=20, help="timed steps per arm (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (CUDA)")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-diagnostics", action="store_true", help="do not attach the sampled RPN's diagnostics")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per arm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wait-for-load",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for the 1-min load average to drop below --max-load",
+    )
+    parser.add_argument("--max-load", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    args.size = tuple(int(s) for s in args.size.split(",")) if args.size else None
+
+    device = select_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.amp and device.type != "cuda":
+        parser.error("--amp needs --device cuda")
+    amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    if amp_dtype is torch.float16:
+        parser.error("--amp fp16 needs a GradScaler; use bf16 here")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    load_before = wait_for_quiet(args.max_load, args.wait_for_load) if args.wait_for_load else load_average()
+    print(f"load average: {load_before}; torch threads {torch.get_num_threads()}", flush=True)
+
+    h, w = args.size or (800, 1333)
+    images, targets = make_batch(args.batch, (h, w), args.num_classes, device, args.seed)
+    steps, anchors = {}, {}
+    for arm in arms:
+        model, optimizer = make_arm(arm, args, args.num_classes, device)
+        steps[arm] = make_step(model, optimizer, images, targets, device, amp_dtype)
+        # anchors per step: what the RPN loss sees
+        with torch.no_grad():
+            image_list, _ = model.transform(images, None)
+            feats = list(model.backbone(image_list.tensors).values())
+            anchors[arm] = sum(a.shape[0] for a in model.rpn.anchor_generator(image_list, feats))
+    times = interleaved_times(steps, args.rounds, device, warmup=args.warmup)
+    mem = {arm: peak_memory_bytes(steps[arm], device) for arm in arms}
+    load_after = load_average()
+
+    base = arms[0]
+    rows = []
+    for arm in arms:
+        t = median(times[arm])
+        lo, hi = iqr(times[arm])
+        rows.append([
+            arm, f"{t * 1e3:.1f}", f"{lo * 1e3:.1f}–{hi * 1e3:.1f}", f"{args.batch / t:.2f}",
+            f"{t / median(times[base]):.3f}", fmt_bytes(mem[arm]), f"{mem[arm] / mem[base]:.3f}", f"{anchors[arm]:,}",
+        ])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+
+    # paired ratios: round r of arm X against round r of the baseline (same moment, same load)
+    paired = {}
+    for arm in arms[1:]:
+        ratios = [a / b for a, b in zip(times[arm], times[base])]
+        paired[arm] = (median(ratios), *iqr(ratios))
+
+    header = ["arm", "median ms / step", "IQR ms", "images / s", f"time / {base}", "peak step memory",
+              f"memory / {base}", "anchors / step"]  # fmt: skip
+    lines = provenance_lines(device, load_before, load_after)
+    lines += [
+        f"- model `{args.model}`, batch {args.batch} at {h}x{w}, {args.num_classes} classes, fixed synthetic "
+        f"tensors; amp {args.amp or 'off'}, channels_last {'on' if args.channels_last else 'off'}, "
+        f"sampled-RPN diagnostics {'off' if args.no_diagnostics else 'on (as the trainer)'}; "
+        f"{args.rounds} interleaved steps per arm after {args.warmup} warm-up steps; memory = peak tensor bytes "
+        "during one step above those held before it "
+        + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler profile_memory)"),
+        "",
+        *markdown_table(header, rows),
+        "",
+        f"Per-round paired time ratios (each step against the {base} step of the same round), median "
+        "[interquartile range]: "
+        + ", ".join(f"{arm} {r:.3f} [{lo:.3f}–{hi:.3f}]" for arm, (r, lo, hi) in paired.items()),
+    ]
+    if args.profile:
+        for arm in arms:
+            print(f"\n=== {arm}: 3 steps ===\n" + profile_table(steps[arm], device, 25))
+    if not args.no_write:
+        name = "train_step" if args.model == "tiny_fpn" and device.type == "cpu" else f"train_step_{args.model}"
+        title = f"2. Whole training step, `{args.model}` on {device.type.upper()} (`train_step.py`)"
+        if args.threads:
+            name, title = f"{name}_threads{args.threads}", f"{title}, {args.threads} torch thread(s)"
+        write_section(name, title, lines, script="train_step.py")
+
+
+if __name__ == "__main__":
+    main()
