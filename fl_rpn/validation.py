@@ -1,9 +1,13 @@
 """Config checks that run before any data is read, so a typo costs seconds, not hours.
 
-Unknown keys are rejected by Hydra's struct mode; this checks values and names the offending key.
+Unknown keys are rejected by Hydra's struct mode; this checks values and names the offending key:
+``ValueError("config key rpn.gamma=-1: must be a number >= 0")``.
 """
 
-from omegaconf import DictConfig
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
 
 
 def _check(ok: bool, key: str, value, requirement: str) -> None:
@@ -11,30 +15,83 @@ def _check(ok: bool, key: str, value, requirement: str) -> None:
         raise ValueError(f"config key {key}={value!r}: {requirement}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_number(key: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
+    """``value`` must be an int or float (not a string or bool) and satisfy ``ok``."""
+    _check(_is_number(value) and ok(value), key, value, f"must be a number {requirement}")
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, key, value,
+           f"must be an integer >= {minimum}")  # fmt: skip
+
+
 def validate_config(cfg: DictConfig) -> None:
     rpn = cfg.rpn
     _check(rpn.loss in ("sampled", "focal"), "rpn.loss", rpn.loss, "must be 'sampled' or 'focal'")
     if rpn.loss == "focal":
         _check(rpn.form in ("sigmoid", "softmax"), "rpn.form", rpn.form, "must be 'sigmoid' or 'softmax'")
-        _check(rpn.gamma >= 0, "rpn.gamma", rpn.gamma, "must be >= 0")
-        _check(0 <= rpn.alpha <= 1, "rpn.alpha", rpn.alpha, "must be in [0, 1]")
-        _check(rpn.loss_weight > 0, "rpn.loss_weight", rpn.loss_weight, "must be > 0")
+        _check_number("rpn.gamma", rpn.gamma, lambda v: v >= 0, ">= 0")
+        _check_number("rpn.alpha", rpn.alpha, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check_number("rpn.loss_weight", rpn.loss_weight, lambda v: v > 0, "> 0")
         prior = rpn.prior_prob
-        _check(prior is None or 0 < prior < 1, "rpn.prior_prob", prior, "must be null or in (0, 1)")
+        _check(prior is None or (_is_number(prior) and 0 < prior < 1), "rpn.prior_prob", prior,
+               "must be null or a number in (0, 1)")  # fmt: skip
     else:
-        _check(rpn.batch_size_per_image > 0, "rpn.batch_size_per_image", rpn.batch_size_per_image, "must be > 0")
-        _check(0 < rpn.positive_fraction <= 1, "rpn.positive_fraction", rpn.positive_fraction, "must be in (0, 1]")
-    _check(0 <= rpn.bg_iou_thresh <= rpn.fg_iou_thresh <= 1, "rpn.bg_iou_thresh", rpn.bg_iou_thresh,
-           f"must satisfy 0 <= rpn.bg_iou_thresh <= rpn.fg_iou_thresh ({rpn.fg_iou_thresh}) <= 1")  # fmt: skip
-    _check(rpn.cls_lr_mult > 0, "rpn.cls_lr_mult", rpn.cls_lr_mult, "must be > 0")
+        _check_int("rpn.batch_size_per_image", rpn.batch_size_per_image, 1)
+        _check_number("rpn.positive_fraction", rpn.positive_fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_number("rpn.fg_iou_thresh", rpn.fg_iou_thresh, lambda v: 0 <= v <= 1, "in [0, 1]")
+    _check_number("rpn.bg_iou_thresh", rpn.bg_iou_thresh, lambda v: 0 <= v <= rpn.fg_iou_thresh,
+                  f"with 0 <= rpn.bg_iou_thresh <= rpn.fg_iou_thresh ({rpn.fg_iou_thresh})")  # fmt: skip
+    _check_number("rpn.nms_thresh", rpn.nms_thresh, lambda v: 0 < v <= 1, "in (0, 1]")
+    for key in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test"):
+        _check_int(f"rpn.{key}", rpn[key], 1)
+    _check_number("rpn.cls_lr_mult", rpn.cls_lr_mult, lambda v: v > 0, "> 0")
+
     s = cfg.schedule
-    _check(s.max_iters > 0, "schedule.max_iters", s.max_iters, "must be > 0")
-    _check(s.checkpoint_every > 0, "schedule.checkpoint_every", s.checkpoint_every, "must be > 0")
-    _check(s.log_every > 0, "schedule.log_every", s.log_every, "must be > 0")
-    _check(list(s.steps) == sorted(s.steps), "schedule.steps", list(s.steps), "must be increasing")
-    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
-    _check(cfg.batch_size > 0, "batch_size", cfg.batch_size, "must be > 0")
+    _check_int("schedule.max_iters", s.max_iters, 1)
+    _check_int("schedule.checkpoint_every", s.checkpoint_every, 1)
+    _check_int("schedule.log_every", s.log_every, 1)
+    _check_int("schedule.warmup_iters", s.warmup_iters, 0)
+    _check_int("schedule.eval_every", s.eval_every, 0)
+    _check_number("schedule.warmup_factor", s.warmup_factor, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_number("schedule.gamma", s.gamma, lambda v: v > 0, "> 0")
+    steps_ok = isinstance(s.steps, ListConfig | list) and all(isinstance(v, int) for v in s.steps)
+    _check(steps_ok and list(s.steps) == sorted(s.steps), "schedule.steps", s.steps,
+           "must be an increasing list of integers")  # fmt: skip
+    _check_number("optim.lr", cfg.optim.lr, lambda v: v > 0, "> 0")
+    _check_number("optim.momentum", cfg.optim.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
+    _check_number("optim.weight_decay", cfg.optim.weight_decay, lambda v: v >= 0, ">= 0")
+    _check_int("optim.base_batch_size", cfg.optim.base_batch_size, 1)
+
+    _check_int("batch_size", cfg.batch_size, 1)
+    _check_int("num_workers", cfg.num_workers, 0)
+    _check_number("hflip_prob", cfg.hflip_prob, lambda v: 0 <= v <= 1, "in [0, 1]")
     _check(cfg.amp in (None, "bf16", "fp16"), "amp", cfg.amp, "must be null, bf16 or fp16")
     _check(cfg.nonfinite in ("stop", "skip"), "nonfinite", cfg.nonfinite, "must be 'stop' or 'skip'")
-    _check(cfg.clip_grad_norm is None or cfg.clip_grad_norm > 0, "clip_grad_norm", cfg.clip_grad_norm,
-           "must be null or > 0")  # fmt: skip
+    _check(cfg.clip_grad_norm is None or (_is_number(cfg.clip_grad_norm) and cfg.clip_grad_norm > 0),
+           "clip_grad_norm", cfg.clip_grad_norm, "must be null or a number > 0")  # fmt: skip
+    _check(cfg.check_images in (False, "header", "decode"), "check_images", cfg.check_images,
+           "must be false, 'header' or 'decode'")  # fmt: skip
+
+    _validate_eval(cfg.eval)
+
+
+def _validate_eval(e: DictConfig) -> None:
+    """The evaluators run after training: a typo here must fail now, not hours later."""
+    from .evaluation import EVALUATORS
+    from .evaluation.coco import BACKENDS, _load_backend
+
+    names = list(e.evaluators)
+    unknown = [n for n in names if n not in EVALUATORS]
+    _check(not unknown, "eval.evaluators", names, f"unknown {unknown}; choose from {list(EVALUATORS)}")
+    _check(e.coco_backend in BACKENDS, "eval.coco_backend", e.coco_backend, f"must be one of {list(BACKENDS)}")
+    if "coco" in names:
+        try:
+            _load_backend(e.coco_backend)
+        except ImportError as err:
+            raise ValueError(f"config key eval.coco_backend={e.coco_backend!r}: {err}") from err
+    _check_int("eval.batch_size", e.batch_size, 1)

@@ -7,6 +7,7 @@ dropped or flagged.
 
 from .batching import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
 from .build import build_dataset, build_loader, read_dataset
+from .check import SplitReport, check_dataset, require_valid
 from .coco import read_coco
 from .dataset import DetectionDataset
 from .records import DatasetMeta, ImageRecord
@@ -23,9 +24,11 @@ __all__ = [
     "DetectionDataset",
     "GroupedBatchSampler",
     "ImageRecord",
+    "SplitReport",
     "build_dataset",
     "build_loader",
     "build_transforms",
+    "check_dataset",
     "collate_fn",
     "create_aspect_ratio_groups",
     "ensure_synthetic",
@@ -34,4 +37,5 @@ __all__ = [
     "read_dataset",
     "read_voc",
     "read_yolo",
+    "require_valid",
 ]

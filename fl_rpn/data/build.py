@@ -13,6 +13,7 @@ A dataset node names its ``format`` and, beside it, exactly the arguments of tha
 from __future__ import annotations
 
 import inspect
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,9 +61,22 @@ def read_dataset(cfg_split: Mapping | DictConfig):
 
 
 def build_dataset(cfg_split: Mapping | DictConfig, train: bool, hflip_prob: float = 0.5) -> DetectionDataset:
-    """Dataset for one split; training gets a random horizontal flip and drops ignored boxes."""
-    records, meta, _ = read_dataset(cfg_split)
-    return DetectionDataset(records, meta, transforms=build_transforms(train, hflip_prob), train=train)
+    """Dataset for one split; training gets a random horizontal flip and drops ignored boxes.
+
+    ``dataset.stats`` keeps the reader's counts (boxes clipped or dropped, empty images, ...).
+    """
+    records, meta, stats = read_dataset(cfg_split)
+    return DetectionDataset(records, meta, transforms=build_transforms(train, hflip_prob), train=train, stats=stats)
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM.
+
+    SLURM (pre-emption, ``scancel``) signals every process of a job, workers included. A worker killed by it
+    makes the main process fail at its next batch, before it can write the pre-emption checkpoint; ignoring
+    it lets the main process finish its iteration, save, and shut the workers down as usual.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(
@@ -102,4 +116,5 @@ def build_loader(
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + 1),
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_sigterm,
     )

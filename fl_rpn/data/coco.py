@@ -4,23 +4,78 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
+from typing import Any
 
 from pycocotools.coco import COCO
 
 from .records import DatasetMeta, ImageRecord, make_record
 
+# What every entry must have for detection: (list key, required fields)
+_REQUIRED = {
+    "images": ("id", "file_name", "width", "height"),
+    "annotations": ("image_id", "category_id", "bbox"),
+    "categories": ("id", "name"),
+}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_coco_json(data: Any, annotations: str | Path) -> None:
+    """Raise ``ValueError`` naming the file and the first bad entry unless ``data`` is a usable COCO detection json.
+
+    Checks: a JSON object with lists ``images``, ``annotations`` and ``categories``; the required fields of
+    every entry (``_REQUIRED``); numeric image sizes and ids; ``bbox`` a list of 4 numbers; unique image and
+    category ids. Box values (NaN, negative size) are checked per image by ``make_record``.
+    """
+    where = f"COCO annotation file {annotations}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object with 'images', 'annotations' and 'categories', "
+                         f"got a {type(data).__name__}.")  # fmt: skip
+    for key, fields in _REQUIRED.items():
+        if key not in data:
+            raise ValueError(f"{where} has no '{key}' list.")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{where}: '{key}' is a {type(data[key]).__name__}, not a list.")
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: {key}[{i}] is not an object: {entry!r:.80}.")
+            missing = [f for f in fields if f not in entry]
+            if missing:
+                raise ValueError(f"{where}: {key}[{i}] (id {entry.get('id')}) lacks {missing}.")
+    for i, img in enumerate(data["images"]):
+        if not all(_is_number(img[k]) for k in ("id", "width", "height")):
+            raise ValueError(f"{where}: images[{i}] has a non-numeric id, width or height: {img!r:.120}.")
+    for i, ann in enumerate(data["annotations"]):
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise ValueError(f"{where}: annotations[{i}] (id {ann.get('id')}) has bbox {box!r:.80}; "
+                             "expected [x, y, width, height].")  # fmt: skip
+    for key in ("images", "categories"):
+        ids = [e["id"] for e in data[key]]
+        if len(set(ids)) != len(ids):
+            dup = next(x for x in ids if ids.count(x) > 1)
+            raise ValueError(f"{where}: id {dup} appears more than once in '{key}'.")
+
 
 def load_coco_api(annotations: str | Path) -> COCO:
-    """Load a COCO json quietly, with errors that name the file."""
+    """Load and check a COCO json (``check_coco_json``), quietly, with errors that name the file."""
     annotations = Path(annotations)
     if not annotations.is_file():
         raise FileNotFoundError(f"COCO annotation file {annotations} does not exist.")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            return COCO(str(annotations))
-    except ValueError as e:  # json.JSONDecodeError is a ValueError
+        data = json.loads(annotations.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"COCO annotation file {annotations} is not valid JSON: {e}") from e
+    check_coco_json(data, annotations)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+        coco.createIndex()
+    return coco
 
 
 def read_coco(
@@ -32,11 +87,15 @@ def read_coco(
     - Category ids (which may have gaps, e.g. 1..90) map to contiguous labels 1..K in increasing id
       order; ``meta.category_ids`` maps back.
     - Crowd annotations stay in the record with ``ignore=True``.
-    - Boxes whose width or height is <= 1 px after clipping are dropped.
+    - Boxes reaching outside the image are clipped (counted); boxes whose width or height is <= 1 px after
+      clipping are dropped (counted).
     - Images without (remaining) boxes are kept as negatives unless ``keep_empty`` is False.
+    - Errors (``ValueError`` naming the file and entry): not JSON, a missing list or field
+      (``check_coco_json``), a ``category_id`` not in ``categories``, a NaN / infinite coordinate, a negative
+      width or height. Annotations whose ``image_id`` is not in ``images`` are skipped and counted.
 
-    Stats: ``annotations``, ``crowd_boxes``, ``degenerate_boxes_dropped``, ``empty_images``,
-    ``empty_images_dropped``.
+    Stats: ``annotations``, ``annotations_without_image``, ``crowd_boxes``, ``boxes_clipped``,
+    ``degenerate_boxes_dropped``, ``empty_images``, ``empty_images_dropped``.
     """
     images = Path(images)
     if not images.is_dir():
@@ -50,7 +109,9 @@ def read_coco(
 
     stats = {
         "annotations": 0,
+        "annotations_without_image": sum(len(a) for i, a in coco.imgToAnns.items() if i not in coco.imgs),
         "crowd_boxes": 0,
+        "boxes_clipped": 0,
         "degenerate_boxes_dropped": 0,
         "empty_images": 0,
         "empty_images_dropped": 0,
@@ -82,6 +143,8 @@ def read_coco(
             crowd,
             stats,
             areas=areas,
+            source=f"COCO annotation file {annotations}, image_id {img_id}",
+            box_names=[f"annotation {ann.get('id')}" for ann in anns],
         )
         stats["crowd_boxes"] += int(record.ignore.sum())
         if len(record.boxes) == 0:

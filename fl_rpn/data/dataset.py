@@ -6,13 +6,34 @@ int64 [M] in 1..K.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from .records import DatasetMeta, ImageRecord
+
+
+def read_image(file: Path) -> torch.Tensor:
+    """Decode ``file`` to uint8 RGB [3, H, W]: torchvision.io (JPEG, PNG, WebP, GIF), else PIL (BMP, TIFF, ...).
+
+    A truncated or non-image file raises ``ValueError`` naming it (``fl-rpn-check-data`` finds them all
+    before a run).
+    """
+    try:
+        return decode_image(str(file), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        error = re.sub(r"^.*?\.cpp:\d+, ", "", str(e))  # drop torchvision's source location
+    try:  # a format torchvision.io does not decode, or a corrupt file: PIL decides
+        with Image.open(file) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"Image {file} cannot be decoded: {error}; PIL: {e}") from e
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -32,11 +53,13 @@ class DetectionDataset(torch.utils.data.Dataset):
         meta: DatasetMeta,
         transforms: Callable | None = None,
         train: bool = True,
+        stats: dict[str, int] | None = None,
     ) -> None:
         self.records = records
         self.meta = meta
         self.transforms = transforms
         self.train = train
+        self.stats = dict(stats or {})  # the reader's counts of what it dropped or flagged
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,7 +72,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         r = self.records[index]
         if not r.file.is_file():
             raise FileNotFoundError(f"Image {r.file} (image_id {r.image_id}) does not exist.")
-        image = decode_image(str(r.file), mode=ImageReadMode.RGB)
+        image = read_image(r.file)
         if tuple(image.shape[1:]) != (r.height, r.width):
             raise ValueError(
                 f"Image {r.file} is {image.shape[2]}x{image.shape[1]} (WxH) but its annotations say "

@@ -83,12 +83,37 @@ def make_record(
     stats: dict[str, int],
     areas: list | np.ndarray | None = None,
     source_id: str | None = None,
+    source: str | None = None,
+    box_names: list[str] | None = None,
 ) -> ImageRecord:
-    """Build an ImageRecord from raw xyxy boxes, clipping them and dropping degenerate ones.
+    """Build an ImageRecord from raw xyxy boxes, checking, clipping and dropping them.
 
-    Counts the dropped boxes in ``stats['degenerate_boxes_dropped']``.
+    - An image size that is not positive, a box coordinate that is NaN or infinite, or a box with negative
+      width or height is an error (``ValueError`` naming ``source``, the annotation file and entry the
+      boxes come from, and the box: ``box_names[i]`` when given, e.g. ``"annotation 17"``, else ``box i``);
+    - boxes reaching outside the image are clipped to it and counted in ``stats['boxes_clipped']``;
+    - boxes whose width or height is <= 1 px after clipping (including boxes entirely outside the image)
+      are dropped and counted in ``stats['degenerate_boxes_dropped']``.
     """
-    boxes, keep = clip_and_keep(np.asarray(boxes, dtype=np.float32), width, height)
+    where = source or f"the annotations of image {file}"
+
+    def name(i: int) -> str:
+        return box_names[i] if box_names is not None else f"box {i}"
+
+    if not (width > 0 and height > 0):
+        raise ValueError(f"{where}: image size {width}x{height} (WxH) is not positive.")
+    raw = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    bad = ~np.isfinite(raw).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: {name(i)} {raw[i].tolist()} (xyxy) has a NaN or infinite coordinate.")
+    bad = (raw[:, 2] < raw[:, 0]) | (raw[:, 3] < raw[:, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: {name(i)} {raw[i].tolist()} (xyxy) has a negative width or height.")
+    boxes, keep = clip_and_keep(raw, width, height)
+    clipped = (boxes != raw.astype(np.float32)).any(axis=1) & keep
+    stats["boxes_clipped"] = stats.get("boxes_clipped", 0) + int(clipped.sum())
     stats["degenerate_boxes_dropped"] = stats.get("degenerate_boxes_dropped", 0) + int((~keep).sum())
     return ImageRecord(
         file=Path(file),

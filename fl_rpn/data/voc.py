@@ -39,6 +39,14 @@ def _text(node: ET.Element, key: str, xml_file: Path) -> str:
     return child.text.strip()
 
 
+def _number(node: ET.Element, key: str, xml_file: Path) -> float:
+    text = _text(node, key, xml_file)
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"VOC annotation {xml_file}: <{node.tag}><{key}> is {text!r}, not a number.") from None
+
+
 def parse_voc_xml(xml_file: Path) -> tuple[int, int, list[list[float]], list[int], list[bool]]:
     """Parse one VOC XML file into ``(width, height, boxes, labels, difficult)``.
 
@@ -53,7 +61,7 @@ def parse_voc_xml(xml_file: Path) -> tuple[int, int, list[list[float]], list[int
     size = root.find("size")
     if size is None:
         raise ValueError(f"VOC annotation {xml_file} has no <size>.")
-    width, height = int(_text(size, "width", xml_file)), int(_text(size, "height", xml_file))
+    width, height = int(_number(size, "width", xml_file)), int(_number(size, "height", xml_file))
     boxes, labels, difficult = [], [], []
     for obj in root.iter("object"):
         name = _text(obj, "name", xml_file)
@@ -62,7 +70,7 @@ def parse_voc_xml(xml_file: Path) -> tuple[int, int, list[list[float]], list[int
         bb = obj.find("bndbox")
         if bb is None:
             raise ValueError(f"VOC annotation {xml_file} has an object {name!r} without <bndbox>.")
-        x1, y1, x2, y2 = (float(_text(bb, k, xml_file)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1, x2, y2 = (_number(bb, k, xml_file) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([x1 - 1, y1 - 1, x2, y2])
         labels.append(VOC_CLASSES.index(name) + 1)
         flag = obj.find("difficult")
@@ -82,11 +90,16 @@ def read_voc(
     ``difficult`` objects are kept with ``ignore=True``. ``image_id`` is a running index over all
     sets; ``source_id`` keeps the VOC id (e.g. ``"000005"``). Coordinates: see ``parse_voc_xml``.
 
-    Stats: ``difficult_boxes``, ``degenerate_boxes_dropped``, ``empty_images``.
+    An XML without ``<object>`` is a negative image (kept, counted in ``empty_images``). Boxes reaching outside
+    ``<size>`` are clipped (counted), boxes <= 1 px dropped (counted). Errors (``ValueError`` naming the XML
+    file): invalid XML, a missing ``<size>``, ``<name>`` or ``<bndbox>`` field, a value that is not a number, an
+    unknown class, ``xmax < xmin`` or ``ymax < ymin``.
+
+    Stats: ``difficult_boxes``, ``boxes_clipped``, ``degenerate_boxes_dropped``, ``empty_images``.
     """
     root = Path(root)
     sets = [(str(year), split)] if isinstance(year, str | int) else [(str(y), str(s)) for y, s in year]
-    stats = {"difficult_boxes": 0, "degenerate_boxes_dropped": 0, "empty_images": 0}
+    stats = {"difficult_boxes": 0, "boxes_clipped": 0, "degenerate_boxes_dropped": 0, "empty_images": 0}
     records: list[ImageRecord] = []
     for y, s in sets:
         base = root / f"VOC{y}"
@@ -108,6 +121,8 @@ def read_voc(
                 difficult,
                 stats,
                 source_id=name,
+                source=f"VOC annotation {xml_file}",
+                box_names=[f"object {i} ({VOC_CLASSES[k - 1]})" for i, k in enumerate(labels)],
             )
             stats["difficult_boxes"] += int(record.ignore.sum())
             stats["empty_images"] += int(len(record.boxes) == 0)

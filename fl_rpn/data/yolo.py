@@ -149,6 +149,10 @@ def _read_label_file(path: Path, width: int, height: int, k: int) -> tuple[list[
             raise ValueError(f"YOLO label file {path}, line {line_no}: cannot parse {line!r}.") from e
         if not 0 <= cls < k:
             raise ValueError(f"YOLO label file {path}, line {line_no}: class {cls} is outside 0..{k - 1}.")
+        if not all(0 <= v <= 1 for v in (cx, cy, w, h)):  # also False for NaN
+            raise ValueError(
+                f"YOLO label file {path}, line {line_no}: cx cy w h must be normalised to [0, 1], got {line!r}."
+            )
         boxes.append([(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height])
         labels.append(cls + 1)
     return boxes, labels
@@ -169,7 +173,11 @@ def read_yolo(
     ``"coco80"`` for ``COCO80_TO_COCO91``); by default ``1..K``. ``image_id`` is a running index in
     file-name order; ``source_id`` is the file stem.
 
-    Stats: ``missing_label_files``, ``empty_images``, ``degenerate_boxes_dropped``,
+    Errors (``ValueError`` naming the file, and the line for labels): an image file PIL cannot identify, a
+    label line without exactly 5 fields, a class outside ``0..K-1``, ``cx cy w h`` outside [0, 1] or NaN.
+    Boxes reaching past the image border are clipped (counted), boxes <= 1 px dropped (counted).
+
+    Stats: ``missing_label_files``, ``empty_images``, ``boxes_clipped``, ``degenerate_boxes_dropped``,
     ``label_files_without_image``.
     """
     images, labels = Path(images), Path(labels)
@@ -179,11 +187,14 @@ def read_yolo(
     class_names = load_yolo_names(names)
     meta = DatasetMeta(class_names=class_names, category_ids=_category_ids(category_ids, len(class_names)))
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    stats = {"missing_label_files": 0, "empty_images": 0, "degenerate_boxes_dropped": 0}
+    stats = {"missing_label_files": 0, "empty_images": 0, "boxes_clipped": 0, "degenerate_boxes_dropped": 0}
     records = []
     for image_id, file in enumerate(files):
-        with Image.open(file) as im:  # reads the header only
-            width, height = im.size
+        try:
+            with Image.open(file) as im:  # reads the header only
+                width, height = im.size
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"YOLO image {file} is not a readable image ({type(e).__name__}: {e}).") from e
         label_file = labels / f"{file.stem}.txt"
         boxes, classes = [], []
         if label_file.is_file():
@@ -191,8 +202,9 @@ def read_yolo(
         else:
             stats["missing_label_files"] += 1
         record = make_record(
-            file, image_id, width, height, boxes, classes, [False] * len(boxes), stats, source_id=file.stem
-        )
+            file, image_id, width, height, boxes, classes, [False] * len(boxes), stats, source_id=file.stem,
+            source=f"YOLO image {file}",
+        )  # fmt: skip
         stats["empty_images"] += int(len(record.boxes) == 0)
         records.append(record)
     stems = {f.stem for f in files}

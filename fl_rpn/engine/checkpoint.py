@@ -14,16 +14,50 @@ import torch
 from torch import nn
 
 
+def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
+    return [
+        k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` so that a kill at any moment leaves either the old or the new file."""
+    """Write ``state`` to ``path`` so that a kill at any moment leaves either the old or the new file.
+
+    The bytes go to a temporary file beside ``path``, are fsynced, and the file is renamed over ``path``
+    (``os.replace`` is atomic); if writing fails, the temporary file is removed and ``path`` is untouched.
+    A ``state["model"]`` with a NaN or infinite tensor is refused (``ValueError`` naming the tensors), so a
+    run whose weights diverged keeps its last good checkpoint.
+    """
     path = Path(path)
+    bad = nonfinite_tensors(state.get("model", {}))
+    if bad:
+        raise ValueError(
+            f"refusing to write {path}: {len(bad)} model tensor(s) are not finite (NaN or Inf): "
+            f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; the previous checkpoint is kept. "
+            "Lower optim.lr or set clip_grad_norm."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -51,6 +85,50 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             lines.append(f"  {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state)
+
+
+# Config groups that define what the weights mean: resuming under other values would silently mix two models.
+# ``model.backbone_weights`` only chooses the initialisation, which a resumed run does not use.
+RESUME_MUST_MATCH = ("model", "rpn")
+RESUME_MAY_DIFFER = ("model.backbone_weights",)
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def check_resume_config(
+    saved: dict[str, Any], cfg: Any, source: str | Path, class_names: list[str] | None = None
+) -> None:
+    """Refuse to resume when the checkpoint's ``model`` / ``rpn`` config (or its classes) differ from this run's.
+
+    ``saved`` is the checkpoint dict (its ``config`` and ``meta``); ``cfg`` this run's config. The error lists
+    every differing key with both values.
+    """
+    from omegaconf import OmegaConf
+
+    if "config" not in saved:
+        raise ValueError(f"checkpoint {source} has no 'config': was it written by fl-rpn-train?")
+    lines = []
+    for group in RESUME_MUST_MATCH:
+        old = _flatten(saved["config"].get(group, {}), group)
+        new = _flatten(OmegaConf.to_container(cfg[group], resolve=True), group)
+        for key in sorted(set(old) | set(new)):
+            if key not in RESUME_MAY_DIFFER and old.get(key, "<absent>") != new.get(key, "<absent>"):
+                lines.append(f"  {key}: checkpoint {old.get(key, '<absent>')!r}, now {new.get(key, '<absent>')!r}")
+    saved_names = saved.get("meta", {}).get("class_names")
+    if class_names is not None and saved_names is not None and list(saved_names) != list(class_names):
+        lines.append(f"  dataset classes: checkpoint {list(saved_names)[:5]}..., now {list(class_names)[:5]}...")
+    if lines:
+        raise ValueError(
+            f"cannot resume from {source}: it was trained with another config:\n" + "\n".join(lines) + "\n"
+            "Resume with the checkpoint's settings, or start a new run (resume=false, or another hydra.run.dir)."
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The training data stream: an endless, resumable sequence of batches.
 
 Epoch ``e`` uses a permutation seeded by ``(seed, e)`` and every sample's augmentation is seeded by
-``(seed, e, index)``, so the batch at iteration ``i`` is a function of ``(seed, i)`` alone: a resumed run
-sees exactly the batches the uninterrupted run would have seen, whatever the number of workers.
+``(seed, e, index)``, so the batch at iteration ``i`` is a function of ``(seed, i)`` alone (under DDP, of
+``(seed, i, rank, world size)``): a resumed run sees exactly the batches the uninterrupted run would have seen,
+whatever the number of workers.
 """
 
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ..data import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+from ..data.build import ignore_sigterm
 from .distributed import SINGLE_PROCESS, DistInfo
 
 
@@ -70,8 +72,22 @@ class TrainStream:
             self.sampler.generator.manual_seed(self.seed * 1_000_003 + epoch)
         return [[(epoch, i) for i in batch] for batch in self.batch_sampler]
 
+    def locate(self, iteration: int) -> tuple[int, int]:
+        """``(epoch, batches of that epoch already done)`` at ``iteration``.
+
+        Under DDP a rank's epochs are counted one by one: with aspect-ratio grouping, how a rank's share of
+        the images falls into groups (so how many batches it makes) changes from epoch to epoch.
+        """
+        if not isinstance(self.sampler, DistributedSampler):
+            return divmod(iteration, self.batches_per_epoch)
+        epoch = 0
+        while iteration >= (n := len(self.epoch_batches(epoch))):
+            iteration -= n
+            epoch += 1
+        return epoch, iteration
+
     def from_iteration(self, iteration: int) -> Iterator:
-        epoch, skip = divmod(iteration, self.batches_per_epoch)
+        epoch, skip = self.locate(iteration)
         while True:
             batches = self.epoch_batches(epoch)[skip:]
             loader = DataLoader(
@@ -81,6 +97,7 @@ class TrainStream:
                 collate_fn=collate_fn,
                 pin_memory=torch.cuda.is_available(),
                 generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),  # leaves the global RNG alone
+                worker_init_fn=ignore_sigterm,  # SIGTERM is for the main process: it checkpoints, then stops us
             )
             yield from loader
             epoch, skip = epoch + 1, 0

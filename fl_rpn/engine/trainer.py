@@ -16,16 +16,23 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..data import build_dataset
+from ..data import build_dataset, require_valid
 from ..diagnostics import attach_anchor_diagnostics
 from ..evaluation import build_evaluators, summarize
 from ..model import build_model
 from ..provenance import provenance
 from ..validation import validate_config
-from .checkpoint import load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
+from .checkpoint import (
+    check_resume_config,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler, scaled_lr
+from .optim import build_optimizer, build_scheduler, lr_factor, scaled_lr
 from .stream import TrainStream
 
 log = logging.getLogger(__name__)
@@ -86,19 +93,27 @@ def resolve_resume(resume: Any, output_dir: Path) -> Path | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, evaluate and write ``metrics.json``; returns the metrics (rank 0; ``{}`` on other ranks)."""
+    """Train, evaluate and write ``metrics.json``; returns the metrics (rank 0; ``{}`` on other ranks).
+
+    On SIGTERM it checkpoints at the end of the current iteration and returns
+    ``{"preempted": True, "train/iterations": n}`` without evaluating (resume with ``resume=true``).
+    """
     validate_config(cfg)
     device = select_device(cfg.device)
     dist_info = init_distributed(str(device))
     if dist_info.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist_info.local_rank)
-    output_dir = Path(cfg.output_dir)
+        device = torch.device("cuda", dist_info.cuda_index)
+    # Every rank works in rank 0's run directory (Hydra's ${now:...} can differ between processes) and
+    # only rank 0 writes to it.
+    output_dir = Path(broadcast_object(str(cfg.output_dir), dist_info))
     torch.manual_seed(cfg.seed + dist_info.rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     train_set = build_dataset(cfg.dataset.train, train=True, hflip_prob=cfg.hflip_prob)
     val_set = build_dataset(cfg.dataset.val, train=False)
+    # empty splits and missing image files fail here, not at the first batch or after training
+    require_valid({"dataset.train": train_set, "dataset.val": val_set}, depth=cfg.check_images or "exists")
     if train_set.meta.class_names != val_set.meta.class_names:
         raise ValueError(
             f"dataset.train and dataset.val have different classes: {train_set.meta.class_names[:5]}... vs "
@@ -115,12 +130,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
     start_iter = 0
-    checkpoint_path = resolve_resume(cfg.resume, output_dir)
+    checkpoint_path = broadcast_object(resolve_resume(cfg.resume, output_dir), dist_info)  # rank 0 decides
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
+        check_resume_config(ckpt, cfg, checkpoint_path, train_set.meta.class_names)  # no mixing of two runs
         load_model_state(model, ckpt["model"], checkpoint_path)
+        base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # this run's scaled lr
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if scheduler.base_lrs != base_lrs:  # another global batch (world size) or optim.lr: follow this run's
+            log.info("lr per parameter group: %s in the checkpoint, now %s", scheduler.base_lrs, base_lrs)
+            scheduler.base_lrs = base_lrs
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["initial_lr"], group["lr"] = base, base * lr_factor(scheduler.last_epoch, cfg.schedule)
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][dist_info.rank] if dist_info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_iter = ckpt["iteration"]
@@ -128,6 +150,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ddp_model = model
     if dist_info.enabled:
+        # Every trainable parameter gets a gradient at every step, with either RPN and with images without
+        # boxes (tests/test_distributed.py checks), so DDP needs no find_unused_parameters.
         ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     writer = None
@@ -181,9 +205,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 losses = ddp_model(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
+            # all ranks skip / stop together, or the others would wait in DDP's all_reduce forever
+            nonfinite, stop = any_rank([~torch.isfinite(loss), preemption.requested], dist_info)
+            if nonfinite:
                 terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                message = f"non-finite loss at iteration {iteration}: {terms}"
+                where = f" on rank {dist_info.rank}" if not torch.isfinite(loss) else " on another rank"
+                message = f"non-finite loss{where if dist_info.enabled else ''} at iteration {iteration}: {terms}"
                 if cfg.nonfinite != "skip":
                     raise NonFiniteLossError(message + f"; the last good checkpoint is {output_dir / 'last.pt'}")
                 log.warning("%s: step skipped", message)
@@ -218,11 +245,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     for k, v in scalars.items():
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, iteration)
                     progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2g}")
-            if iteration % schedule.checkpoint_every == 0 or preemption.requested:
+            if iteration % schedule.checkpoint_every == 0 or stop:
                 save(iteration)
-            if preemption.requested:
+            if stop:
                 log.warning("SIGTERM: checkpoint written at iteration %d; exiting", iteration)
-                return {}
+                return {"preempted": True, "train/iterations": iteration}  # fl-rpn-train exits with 143
             if schedule.eval_every and iteration % schedule.eval_every == 0 and iteration < schedule.max_iters:
                 metrics = run_evaluation(cfg, model, val_set, device, dist_info)
                 if writer is not None:

@@ -14,7 +14,9 @@ def test_read_coco_exact(coco_files):
     assert meta.class_names == ["person", "airplane", "toothbrush"]
     assert stats == {
         "annotations": 5,
+        "annotations_without_image": 0,
         "crowd_boxes": 1,
+        "boxes_clipped": 1,  # [35, 25, 10, 10] in a 40x30 image
         "degenerate_boxes_dropped": 1,
         "empty_images": 1,
         "empty_images_dropped": 0,

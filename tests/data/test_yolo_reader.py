@@ -26,6 +26,7 @@ def test_read_yolo_exact(yolo_files):
     assert stats == {
         "missing_label_files": 1,
         "empty_images": 1,
+        "boxes_clipped": 0,
         "degenerate_boxes_dropped": 0,
         "label_files_without_image": 1,
     }

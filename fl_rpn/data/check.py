@@ -1,0 +1,128 @@
+"""Checking a dataset before a run: every image file there, readable and of the size its annotations say.
+
+The readers already fail on bad annotations (naming the file and entry) and count what they skip
+(``dataset.stats``). On top of that, ``check_dataset`` looks at the images themselves, at one of three depths:
+
+- ``exists``: one ``stat`` per image; the trainer always does this;
+- ``header``: PIL reads each file's header: not an image, or another size than the annotations say;
+- ``decode``: each image is fully decoded as training would: also truncated / corrupt files.
+
+Images are checked in parallel threads. ``fl-rpn-check-data`` (``fl_rpn.check_data``) decodes both splits and
+prints the reports; the trainer calls ``require_valid`` with the depth set by ``check_images``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .dataset import DetectionDataset, read_image
+from .records import ImageRecord
+
+log = logging.getLogger(__name__)
+
+IMAGE_CHECKS = ("exists", "header", "decode")
+
+
+def check_image(record: ImageRecord, depth: str = "exists") -> str | None:
+    """The problem with ``record``'s image file, as one line that names it, or None."""
+    file = record.file
+    if not file.is_file():
+        return f"{file}: image file does not exist (image_id {record.image_id})"
+    if depth == "exists":
+        return None
+    try:
+        if depth == "header":
+            with Image.open(file) as im:
+                width, height = im.size
+        else:
+            height, width = read_image(file).shape[1:]
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"{file}: not a readable image ({e})"
+    if (width, height) != (record.width, record.height):
+        return f"{file}: image is {width}x{height} (WxH) but its annotations say {record.width}x{record.height}"
+    return None
+
+
+def check_images(records: list[ImageRecord], depth: str = "exists", workers: int | None = None) -> list[str]:
+    """Problems (one line each) with the image files of ``records``, checked in ``workers`` threads."""
+    if depth not in IMAGE_CHECKS:
+        raise ValueError(f"image check depth {depth!r}: expected one of {IMAGE_CHECKS}")
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [p for p in pool.map(lambda r: check_image(r, depth), records) if p is not None]
+
+
+@dataclass
+class SplitReport:
+    """What ``check_dataset`` found in one split; ``ok`` when it can be trained / evaluated on."""
+
+    name: str
+    images: int = 0
+    boxes: int = 0
+    ignored_boxes: int = 0
+    classes: int = 0
+    depth: str = "exists"
+    stats: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self, max_problems: int = 20) -> str:
+        lines = [
+            f"{self.name}: {self.images} images, {self.boxes} boxes ({self.ignored_boxes} ignored), "
+            f"{self.classes} classes; images checked: {self.depth}"
+        ]
+        counted = {k: v for k, v in self.stats.items() if v}
+        if counted:
+            lines.append("  reader counts: " + ", ".join(f"{k}={v}" for k, v in counted.items()))
+        if self.problems:
+            lines.append(f"  {len(self.problems)} problem(s):")
+            lines += [f"    {p}" for p in self.problems[:max_problems]]
+            if len(self.problems) > max_problems:
+                lines.append(f"    ... and {len(self.problems) - max_problems} more")
+        else:
+            lines.append("  OK")
+        return "\n".join(lines)
+
+
+def check_dataset(
+    dataset: DetectionDataset, name: str, depth: str = "exists", workers: int | None = None
+) -> SplitReport:
+    """Check one split: not empty, and every image file at ``depth`` (see the module docstring)."""
+    records = dataset.records
+    report = SplitReport(
+        name=name,
+        images=len(records),
+        boxes=sum(len(r.boxes) for r in records),
+        ignored_boxes=sum(int(r.ignore.sum()) for r in records),
+        classes=dataset.meta.num_classes,
+        depth=depth,
+        stats=dict(getattr(dataset, "stats", {})),
+    )
+    if not records:
+        report.problems.append("the dataset has no images (check its paths, image list or keep_empty)")
+    report.problems += check_images(records, depth, workers)
+    return report
+
+
+def require_valid(datasets: Mapping[str, DetectionDataset], depth: str = "exists") -> list[SplitReport]:
+    """Check each named split, log its summary, and raise ``ValueError`` listing the problems of all of them."""
+    reports = [check_dataset(ds, name, depth) for name, ds in datasets.items()]
+    for report in reports:
+        (log.info if report.ok else log.error)("%s", report.summary())
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise ValueError(
+            "the data has problems; nothing was trained:\n"
+            + "\n".join(r.summary(max_problems=10) for r in bad)
+            + "\n(fl-rpn-check-data with the same overrides lists every problem)"
+        )
+    return reports

@@ -1,0 +1,359 @@
+"""DDP on the CPU: 2 gloo processes on 127.0.0.1 train tiny synthetic runs through the real app (``fl_rpn.train``).
+
+Each rank is this file run as a script (``python tests/test_distributed.py SPEC``) with torchrun's environment
+variables set by hand, so the ranks can start with different Hydra run directories. The worker records the
+weights after every optimizer step (and the gradients of the first) through a global optimizer hook.
+
+Exact comparison with one process: the reference trains one process on the same 2-image global batches
+(rank 0's image, then rank 1's). What makes the two runs the same computation:
+
+- the focal RPN's normaliser N_pos is all-reduced (``FocalLossRPN.reduce_num_positives``): rank r divides its
+  sum by the mean count, so DDP's averaged gradient is that of the global sum over the global N_pos;
+- every other loss is a mean over a per-image sample of fixed size (256 anchors per image for the sampled RPN,
+  ``box_batch_size_per_image`` RoIs), so the mean over ranks of per-rank means is the global mean;
+- which anchors / RoIs are sampled would still depend on each process's random stream (``torch.randperm`` per
+  image, one generator per process). Both runs therefore use a sampler that takes the first positives and
+  negatives by index (``first_k_sample``): same sample sizes as torchvision's, no randomness. Nothing else in
+  the step depends on random numbers (flips are seeded per image; the model is initialised by rank 0's seed
+  and broadcast by DDP, and the reference uses that seed).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from fl_rpn.engine.distributed import DistInfo, any_rank, first_host, launched_by
+from fl_rpn.engine.stream import TrainStream
+
+# batch_size is per process: the global batch of 2 processes is 2
+TINY = [
+    "device=cpu", "dataset.train.num_images=6", "dataset.val.num_images=3",
+    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
+    "model.detector.min_size=96", "model.detector.max_size=128",
+    "batch_size=1", "num_workers=0", "eval.batch_size=2", "eval.evaluators=[]",
+    "schedule.max_iters=4", "schedule.warmup_iters=1", "schedule.steps=[]",
+    "schedule.log_every=1", "schedule.checkpoint_every=2",
+]  # fmt: skip
+TIMEOUT = 180
+
+
+def first_k_sample(self, matched_idxs):
+    """``BalancedPositiveNegativeSampler.__call__`` without randomness: the first positives and negatives by index."""
+    pos_masks, neg_masks = [], []
+    for matched in matched_idxs:
+        positive, negative = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
+        num_pos = min(int(self.batch_size_per_image * self.positive_fraction), positive.numel())
+        num_neg = min(self.batch_size_per_image - num_pos, negative.numel())
+        pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+        neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+        pos_mask[positive[:num_pos]] = 1
+        neg_mask[negative[:num_neg]] = 1
+        pos_masks.append(pos_mask)
+        neg_masks.append(neg_mask)
+    return pos_masks, neg_masks
+
+
+class StepRecorder:
+    """Global optimizer hook: the flat weights after every step and the flat gradients of the first."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+        self.first_grads: torch.Tensor | None = None
+        self.handle = register_optimizer_step_post_hook(self)
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.weights.append(torch.cat([p.detach().flatten() for p in params]).clone())
+        if self.first_grads is None:
+            self.first_grads = torch.cat([p.grad.flatten() for p in params]).clone()
+
+
+# -- the worker: one rank ----------------------------------------------------------------------------------------
+def worker(spec: dict) -> None:
+    rank = int(os.environ["RANK"])
+    BalancedPositiveNegativeSampler.__call__ = first_k_sample
+    recorder = StepRecorder()
+    if rank == spec.get("nan_on_rank"):  # a non-finite loss on this rank only, at the first iteration
+        from fl_rpn.rpn import FocalLossRPN
+
+        compute_loss = FocalLossRPN.compute_loss
+        calls = []
+
+        def nan_once(self, *args):
+            loss_objectness, loss_box = compute_loss(self, *args)
+            calls.append(1)
+            return (loss_objectness * float("nan") if len(calls) == 1 else loss_objectness), loss_box
+
+        FocalLossRPN.compute_loss = nan_once
+    from fl_rpn.train import main
+
+    sys.argv = ["fl-rpn-train", *spec["overrides"], *spec.get("rank_overrides", {}).get(str(rank), [])]
+    try:
+        main()
+    finally:
+        torch.save({"weights": recorder.weights, "first_grads": recorder.first_grads}, f"{spec['record']}.{rank}.pt")
+
+
+# -- launching ---------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """The synthetic data, generated once for the module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def launch(tmp_path: Path, name: str, cache: Path, overrides: list[str], rank_overrides=None, nan_on_rank=None,
+           check=True):  # fmt: skip
+    """Run 2 ranks; returns ``(returncodes, outputs, records)``. Rank r runs in ``tmp_path/name/cwd<r>``."""
+    base = tmp_path / name
+    spec = {"overrides": overrides, "rank_overrides": rank_overrides or {}, "record": str(base / "record")}
+    spec["nan_on_rank"] = nan_on_rank
+    env = {
+        **os.environ, "FL_RPN_CACHE": str(cache), "HYDRA_FULL_ERROR": "1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+    }  # fmt: skip
+    procs = []
+    for rank in range(2):
+        cwd = base / f"cwd{rank}"
+        cwd.mkdir(parents=True)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, json.dumps(spec)],
+                cwd=cwd,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=TIMEOUT)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+        raise AssertionError("DDP run timed out (a deadlock?):\n" + "\n".join(o[-3000:] for o in outputs)) from None
+    codes = [p.returncode for p in procs]
+    if check and any(codes):
+        logs = "\n".join(f"--- rank {r}\n{out[-4000:]}" for r, out in enumerate(outputs))
+        raise AssertionError(f"DDP run failed {codes}:\n{logs}")
+    records = [torch.load(f) if (f := Path(f"{spec['record']}.{r}.pt")).is_file() else None for r in range(2)]
+    return codes, outputs, records
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cache):
+    """4 iterations on 2 processes, evaluated; rank 1 gets no run directory of its own (it must use rank 0's)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    run_dir = tmp / "run"
+    overrides = [*TINY, "eval.evaluators=[coco,proposal_recall]"]
+    _, outputs, records = launch(tmp, "launch", cache, overrides, rank_overrides={"0": [f"hydra.run.dir={run_dir}"]})
+    return {"tmp": tmp, "run_dir": run_dir, "overrides": overrides, "outputs": outputs, "records": records}
+
+
+# -- (a) ranks stay in sync, and only rank 0 writes ------------------------------------------------------------------
+def test_ranks_hold_identical_weights_after_every_step(ddp_run):
+    rank0, rank1 = ddp_run["records"]
+    assert len(rank0["weights"]) == len(rank1["weights"]) == 4
+    for step, (w0, w1) in enumerate(zip(rank0["weights"], rank1["weights"]), 1):
+        assert torch.equal(w0, w1), f"step {step}: max |w0 - w1| = {(w0 - w1).abs().max()}"
+    assert not torch.equal(rank0["weights"][0], rank0["weights"][-1])  # it did train
+
+
+def test_rank_zero_alone_writes_into_its_run_directory(ddp_run):
+    run_dir = ddp_run["run_dir"]
+    assert {p.name for p in run_dir.iterdir()} >= {".hydra", "tb", "last.pt", "metrics.json", "history.json"}
+    assert not list((ddp_run["tmp"] / "launch" / "cwd1").iterdir()), "rank 1 wrote files of its own"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["provenance"]["world_size"] == 2
+    assert metrics["train/iterations"] == 4
+    history = json.loads((run_dir / "history.json").read_text())
+    assert history[-1]["lr"] == pytest.approx(0.02 * 2 / 16)  # the linear scaling rule, global batch 2 of 16
+
+
+def test_distributed_evaluation_counts_each_image_once(ddp_run, cache, compose_cfg, monkeypatch):
+    """3 val images on 2 ranks: the DistributedSampler pads rank 1 with a repeat, which the evaluators drop."""
+    from fl_rpn.data import build_dataset
+    from fl_rpn.engine.checkpoint import model_from_checkpoint
+    from fl_rpn.engine.trainer import run_evaluation
+
+    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
+    cfg = compose_cfg(*ddp_run["overrides"], f"output_dir={ddp_run['tmp'] / 'eval'}")
+    model, _ = model_from_checkpoint(ddp_run["run_dir"] / "last.pt")
+    single = run_evaluation(cfg, model, build_dataset(cfg.dataset.val, train=False), torch.device("cpu"), DistInfo())
+    distributed = json.loads((ddp_run["run_dir"] / "metrics.json").read_text())
+    assert single and all(k in distributed for k in single)
+    for k, v in single.items():
+        assert distributed[k] == pytest.approx(v, abs=1e-9, nan_ok=True), k
+
+
+# -- (b) one DDP step is one single-process step over the same global batch ---------------------------------------
+class GlobalBatchStream:
+    """Stands in for ``TrainStream`` in one process: iteration i yields rank 0's and rank 1's batches i, joined."""
+
+    def __init__(self, dataset, batch_size, num_workers, seed, group_aspect_ratio, dist_info=None) -> None:
+        half = batch_size // 2
+        self.ranks = [TrainStream(dataset, half, 0, seed, group_aspect_ratio, DistInfo(r, 2)) for r in (0, 1)]
+
+    def from_iteration(self, iteration):
+        for (images0, targets0), (images1, targets1) in zip(*(s.from_iteration(iteration) for s in self.ranks)):
+            yield images0 + images1, targets0 + targets1
+
+
+def test_first_step_equals_one_process_on_the_global_batch(ddp_run, cache, compose_cfg, monkeypatch, tmp_path):
+    from fl_rpn.engine import trainer
+
+    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
+    monkeypatch.setattr(BalancedPositiveNegativeSampler, "__call__", first_k_sample)
+    monkeypatch.setattr(trainer, "TrainStream", GlobalBatchStream)
+    recorder = StepRecorder()
+    try:
+        trainer.train(compose_cfg(*TINY, "batch_size=2", "schedule.max_iters=1", f"output_dir={tmp_path}"))
+    finally:
+        recorder.handle.remove()
+
+    ddp = ddp_run["records"][0]
+    torch.testing.assert_close(ddp["first_grads"], recorder.first_grads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ddp["weights"][0], recorder.weights[0], rtol=1e-5, atol=1e-7)
+    ddp_losses = json.loads((ddp_run["run_dir"] / "history.json").read_text())[0]  # mean over ranks
+    single_losses = json.loads((tmp_path / "history.json").read_text())[0]
+    for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss", "lr"):
+        assert ddp_losses[k] == pytest.approx(single_losses[k], rel=1e-5), k
+    # the normaliser is the global mean of positives per rank, the same number on both ranks
+    assert ddp_losses["rpn/focal_normalizer"] == pytest.approx(single_losses["rpn/focal_normalizer"] / 2, rel=1e-6)
+
+
+# -- (c) DDP checkpoints resume, on 2 processes and on 1 ------------------------------------------------------------
+def test_ddp_checkpoint_resumes_on_two_processes_and_on_one(ddp_run, cache, compose_cfg, monkeypatch, tmp_path):
+    from fl_rpn.engine.checkpoint import load_checkpoint
+    from fl_rpn.engine.trainer import train
+
+    run_dir = tmp_path / "run"
+    launch(tmp_path, "first", cache, [*TINY, "schedule.max_iters=2", f"hydra.run.dir={run_dir}"])
+    shutil.copytree(run_dir, tmp_path / "single")
+    # rank 1 is told no run directory: it must resume from rank 0's
+    launch(tmp_path, "resumed", cache, [*TINY, "resume=true"], rank_overrides={"0": [f"hydra.run.dir={run_dir}"]})
+    resumed = load_checkpoint(run_dir / "last.pt")
+    straight = load_checkpoint(ddp_run["run_dir"] / "last.pt")  # the same 4 iterations without a stop
+    assert resumed["iteration"] == straight["iteration"] == 4 and len(resumed["rng"]) == 2
+    for k in straight["model"]:
+        torch.testing.assert_close(resumed["model"][k], straight["model"][k], rtol=0, atol=1e-6, msg=k)
+    assert [h["iteration"] for h in json.loads((run_dir / "history.json").read_text())] == [3, 4]
+
+    # on one process with the same per-process batch: the global batch halves, and so does the lr
+    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
+    train(compose_cfg(*TINY, "resume=true", f"output_dir={tmp_path / 'single'}"))
+    single = load_checkpoint(tmp_path / "single" / "last.pt")
+    assert single["iteration"] == 4 and all(torch.isfinite(v).all() for v in single["model"].values())
+    history = json.loads((tmp_path / "single" / "history.json").read_text())
+    ddp_history = json.loads((ddp_run["run_dir"] / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [3, 4]
+    assert history[0]["lr"] == pytest.approx(ddp_history[2]["lr"] / 2)
+
+
+# -- a non-finite loss on one rank: every rank takes the same decision ----------------------------------------------
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_on_one_rank_does_not_deadlock(tmp_path, cache, mode):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "schedule.max_iters=2", f"nonfinite={mode}", f"hydra.run.dir={run_dir}"]
+    codes, outputs, records = launch(tmp_path, "nan", cache, overrides, nan_on_rank=1, check=mode == "skip")
+    if mode == "stop":
+        assert codes[0] != 0 and codes[1] != 0
+        assert "NonFiniteLossError: non-finite loss on another rank at iteration 0" in outputs[0]
+        assert "NonFiniteLossError: non-finite loss on rank 1 at iteration 0" in outputs[1]
+    else:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["train/skipped_steps"] == 1 and metrics["train/iterations"] == 2
+        assert len(records[0]["weights"]) == len(records[1]["weights"]) == 1
+        assert torch.equal(records[0]["weights"][0], records[1]["weights"][0])
+
+
+# -- pieces, without processes ------------------------------------------------------------------------------------
+def test_launcher_environments():
+    assert launched_by({}) == (0, 1, 0, "env://")
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    assert launched_by(torchrun) == (3, 8, 1, "env://")
+    srun = {
+        "SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "gpu-a[017-018]", "SLURM_JOB_NODELIST": "gpu-a[017-018]",
+    }  # fmt: skip
+    rank, world, local, init = launched_by(srun)
+    assert (rank, world, local) == (5, 16, 1) and init.startswith("tcp://gpu-a017:")
+    assert 20000 <= int(init.rsplit(":", 1)[1]) < 60000 and launched_by(srun) == (rank, world, local, init)
+    assert launched_by({**srun, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"})[3] == "tcp://10.0.0.1:29400"
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242"}  # sbatch, no srun
+    assert launched_by(batch_script) == (0, 1, 0, "env://")
+    local = {
+        "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1",
+        "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_JOB_ID": "31337",
+    }  # fmt: skip
+    assert launched_by(local) == (1, 2, 1, f"tcp://127.0.0.1:{20000 + 31337 % 40000}")
+    assert any_rank([torch.tensor(False), True], DistInfo()) == [False, True]
+
+
+@pytest.mark.parametrize(
+    "nodelist, host", [("node7", "node7"), ("gpu[03-05,9]", "gpu03"), ("a1,b2", "a1"), ("dgx-[12,14],cpu1", "dgx-12")]
+)
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+class _Shapes(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.ratios = [(0.5, 1.0, 2.0)[i % 3] for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.ratios)
+
+    def __getitem__(self, index):
+        return torch.zeros(1), {"image_id": index}
+
+    def aspect_ratios(self) -> list[float]:
+        return self.ratios
+
+
+def test_a_rank_resumes_its_stream_where_it_stopped():
+    """With aspect-ratio groups a rank's epochs differ in length: resuming must count them, not assume them equal."""
+    for rank in (0, 1):
+        stream = TrainStream(_Shapes(20), 2, 0, 0, True, DistInfo(rank, 2))
+        lengths = [len(stream.epoch_batches(e)) for e in range(6)]
+        ids = [[t["image_id"] for t in next(it)[1]] for it in [stream.from_iteration(0)] for _ in range(sum(lengths))]
+        for i in range(0, sum(lengths), 3):
+            assert [t["image_id"] for t in next(stream.from_iteration(i))[1]] == ids[i], (rank, i)
+    assert len(set(lengths)) > 1  # the case that needs counting
+
+
+def test_every_trainable_parameter_gets_a_gradient(compose_cfg):
+    """So DDP needs no ``find_unused_parameters``, with either RPN and with an image without boxes."""
+    from fl_rpn.model import build_model
+
+    images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 80.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
+    ]
+    for rpn in ("sampled", "focal_sigmoid", "focal_softmax"):
+        model = build_model(compose_cfg(f"rpn={rpn}", "model.detector.min_size=96", "model.detector.max_size=128"), 2)
+        sum(model(images, targets).values()).backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not unused, (rpn, unused)
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))

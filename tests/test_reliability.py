@@ -1,0 +1,285 @@
+"""Reliability: bad config values, non-finite losses and weights, kills and pre-emption, safe resume.
+
+Each test uses the tiny overrides of test_train_app (6 synthetic images of 96x128, 2 iterations).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fl_rpn.config import compose_config
+from fl_rpn.engine import trainer
+from fl_rpn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from fl_rpn.engine.trainer import NonFiniteLossError, train
+from fl_rpn.model import build_model
+from fl_rpn.validation import validate_config
+
+TINY = [
+    "dataset.train.num_images=6", "dataset.val.num_images=3",
+    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
+    "model.detector.min_size=96", "model.detector.max_size=128",
+    "batch_size=2", "num_workers=0", "eval.batch_size=2",
+    "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.steps=[]",
+    "schedule.log_every=1", "schedule.checkpoint_every=1",
+]  # fmt: skip
+FAST = [*TINY, "eval.evaluators=[]"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def app(*overrides, cache_dir, **popen):
+    env = {**os.environ, "FL_RPN_CACHE": str(cache_dir), "HYDRA_FULL_ERROR": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "fl_rpn.train", *overrides], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen,
+    )  # fmt: skip
+
+
+def wait_for(path, proc, timeout=300):
+    t0 = time.monotonic()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before {path} appeared:\n{proc.communicate()[1][-3000:]}")
+        assert time.monotonic() - t0 < timeout, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def finite_state(ckpt):
+    return all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# --- bad config -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("rpn.gamma=-0.5", "rpn.gamma"),
+        ("rpn.gamma=abc", "rpn.gamma"),
+        ("rpn.alpha=1.5", "rpn.alpha"),
+        ("rpn.alpha=-0.1", "rpn.alpha"),
+        ("rpn.prior_prob=0", "rpn.prior_prob"),
+        ("rpn.prior_prob=1.0", "rpn.prior_prob"),
+        ("rpn.loss_weight=0", "rpn.loss_weight"),
+        ("rpn.loss_weight=-1", "rpn.loss_weight"),
+        ("rpn.form=cosine", "rpn.form"),
+        ("rpn.loss=hinge", "rpn.loss"),
+        ("rpn.bg_iou_thresh=0.8", "rpn.bg_iou_thresh"),
+        ("schedule.steps=[500,100]", "schedule.steps"),
+        ("schedule.max_iters=0", "schedule.max_iters"),
+        ("optim.lr=0", "optim.lr"),
+        ("eval.evaluators=[coco,vco07]", "eval.evaluators"),
+        ("check_images=yes", "check_images"),
+        ("nonfinite=ignore", "nonfinite"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=rf"config key {re.escape(key)}="):
+        validate_config(compose_config([override]))
+
+
+def test_sampled_rpn_values_are_checked_too():
+    with pytest.raises(ValueError, match=r"config key rpn\.positive_fraction=0"):
+        validate_config(compose_config(["rpn=sampled", "rpn.positive_fraction=0"]))
+
+
+def test_train_rejects_a_bad_value_before_reading_any_data(tmp_path, cache):
+    cfg = compose_config([*FAST, "rpn.alpha=2", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"config key rpn\.alpha=2: must be a number in \[0, 1\]"):
+        train(cfg)
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_unknown_nested_key_is_rejected():
+    with pytest.raises(Exception, match=r"min_sizee") as info:  # Hydra's ConfigCompositionException
+        compose_config(["model.detector.min_sizee=3"])
+    assert "not in struct" in str(info.value.__cause__ or info.value)
+
+
+# --- non-finite losses and weights -----------------------------------------------------------------------
+
+
+def poison_rpn_losses(monkeypatch, at_calls):
+    """The RPN's losses become NaN at the given (0-based) training forward passes."""
+    calls = {"n": 0}
+
+    def build(cfg, num_classes):
+        model = build_model(cfg, num_classes)
+
+        def hook(module, args, output):
+            boxes, losses = output
+            n, calls["n"] = calls["n"], calls["n"] + 1
+            if module.training and n in at_calls:
+                losses = {k: v * float("nan") for k, v in losses.items()}
+            return boxes, losses
+
+        model.rpn.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build)
+
+
+def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoint(tmp_path, cache, monkeypatch):
+    poison_rpn_losses(monkeypatch, at_calls={2})
+    cfg = compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path}"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration 2: .*loss_objectness=nan") as info:
+        train(cfg)
+    assert "loss_rpn_box_reg=nan" in str(info.value) and str(tmp_path / "last.pt") in str(info.value)
+    ckpt = load_checkpoint(tmp_path / "last.pt")  # iterations 0 and 1 finished and were saved
+    assert ckpt["iteration"] == 2 and finite_state(ckpt)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, monkeypatch):
+    poison_rpn_losses(monkeypatch, at_calls={1})
+    cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
+    metrics = train(cfg)
+    assert metrics["train/skipped_steps"] == 1 and metrics["train/iterations"] == 3
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 3 and finite_state(ckpt)
+
+
+def test_nonfinite_weights_are_never_written(tmp_path, cache, monkeypatch):
+    """A finite loss whose step blows the weights up: the save refuses and names the tensor."""
+    real = trainer.build_optimizer
+
+    def build_optimizer(model, *args, **kwargs):
+        optimizer = real(model, *args, **kwargs)
+        steps = {"n": 0}
+
+        def poison(opt, args, kwargs):
+            steps["n"] += 1
+            if steps["n"] == 2:
+                with torch.no_grad():
+                    model.rpn.head.conv[0][0].weight[0, 0, 0, 0] = float("inf")
+
+        optimizer.register_step_post_hook(poison)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
+    cfg = compose_config([*FAST, "schedule.max_iters=3", f"output_dir={tmp_path}"])
+    with pytest.raises(
+        ValueError, match=r"refusing to write .*last\.pt: 1 model tensor\(s\) .*rpn\.head\.conv\.0\.0\.weight"
+    ):
+        train(cfg)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 1 and finite_state(ckpt)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".last.pt")] == []
+
+
+# --- checkpoints: atomic writes, kills, pre-emption ------------------------------------------------------
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "iteration": 1})
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")  # a zip header and nothing else
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "iteration": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = load_checkpoint(path)
+    assert ckpt["iteration"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_truncated_checkpoint_is_reported_not_loaded(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "iteration": 1})
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"checkpoint .*last\.pt cannot be read"):
+        load_checkpoint(path)
+
+
+def test_sigkill_then_resume_reaches_the_same_weights(tmp_path, cache):
+    overrides = [*FAST, "device=cpu", "deterministic=true", "schedule.max_iters=4", "schedule.checkpoint_every=1"]
+    run = tmp_path / "killed"
+    proc = app(*overrides, f"hydra.run.dir={run}", cache_dir=cache)
+    wait_for(run / "last.pt", proc)
+    proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: a node failure or an out-of-memory kill
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(run / "last.pt")["iteration"]
+    assert 1 <= killed_at < 4
+
+    resumed = app(*overrides, "resume=true", f"hydra.run.dir={run}", cache_dir=cache)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from {run / 'last.pt'} at iteration {killed_at}" in (run / "train.log").read_text()
+
+    straight = compose_config([*overrides, f"output_dir={tmp_path / 'straight'}"])
+    train(straight)
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(run / "last.pt")
+    assert a["iteration"] == b["iteration"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_sigterm_to_the_whole_job_checkpoints_and_exits_143(tmp_path, cache):
+    """SLURM pre-emption signals every process of the job, DataLoader workers included."""
+    run = tmp_path / "run"
+    overrides = [*FAST, "num_workers=2", "schedule.max_iters=100", "schedule.checkpoint_every=50"]
+    proc = app(*overrides, f"hydra.run.dir={run}", cache_dir=cache, start_new_session=True)
+    wait_for(run / "tb", proc)
+    while "train:" not in (line := proc.stderr.readline()) or "1/100" not in line:  # an iteration finished
+        assert line or proc.poll() is None, "exited early"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    reached = int(re.search(r"SIGTERM: checkpoint written at iteration (\d+)", (run / "train.log").read_text())[1])
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["iteration"] == reached and 1 <= reached < 100
+    assert not (run / "metrics.json").exists()
+
+
+# --- safe loading and resuming ---------------------------------------------------------------------------
+
+
+def test_a_checkpoint_of_another_rpn_or_model_lists_the_mismatched_keys():
+    sigmoid = build_model(compose_config(["rpn=focal_sigmoid"]), num_classes=5)
+    softmax = build_model(compose_config(["rpn=focal_softmax"]), num_classes=5)
+    with pytest.raises(ValueError, match=r"does not fit this model") as info:
+        load_model_state(softmax, sigmoid.state_dict(), "sigmoid.pt")
+    message = str(info.value)
+    assert "rpn.head.cls_logits.weight: checkpoint (3, 64, 1, 1) vs model (6, 64, 1, 1)" in message
+    assert "rpn.head.cls_logits.bias: checkpoint (3,) vs model (6,)" in message
+
+    mobile = build_model(compose_config(["model=mbv3_fpn"]), num_classes=5)
+    with pytest.raises(ValueError, match=r"missing keys \(\d+\): ") as info:
+        load_model_state(mobile, sigmoid.state_dict(), "tiny.pt")
+    assert "unexpected keys" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "first,then,expected",
+    [
+        ("rpn=focal_sigmoid", "rpn=focal_softmax", "rpn.form: checkpoint 'sigmoid', now 'softmax'"),
+        ("rpn=sampled", "rpn=focal_sigmoid", "rpn.loss: checkpoint 'sampled', now 'focal'"),  # same shapes
+        ("rpn.gamma=2.0", "rpn.gamma=1.0", "rpn.gamma: checkpoint 2.0, now 1.0"),
+        ("model.fpn_channels=64", "model.fpn_channels=32", "model.fpn_channels: checkpoint 64, now 32"),
+    ],
+)
+def test_resume_with_another_model_or_rpn_config_fails(tmp_path, cache, first, then, expected):
+    train(compose_config([*FAST, first, "schedule.max_iters=1", f"output_dir={tmp_path}"]))
+    before = (tmp_path / "last.pt").read_bytes()
+    cfg = compose_config([*FAST, then, "schedule.max_iters=2", "resume=true", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: it was trained with another config") as info:
+        train(cfg)
+    assert expected in str(info.value)
+    assert (tmp_path / "last.pt").read_bytes() == before
