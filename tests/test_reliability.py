@@ -3,6 +3,7 @@
 Each test uses the tiny overrides of test_train_app (6 synthetic images of 96x128, 2 iterations).
 """
 
+import json
 import os
 import re
 import signal
@@ -20,14 +21,8 @@ from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.model import build_model
 from fl_rpn.validation import validate_config
 
-TINY = [
-    "dataset.train.num_images=6", "dataset.val.num_images=3",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=2", "num_workers=0", "eval.batch_size=2",
-    "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.steps=[]",
-    "schedule.log_every=1", "schedule.checkpoint_every=1",
-]  # fmt: skip
+from .test_train_app import TINY
+
 FAST = [*TINY, "eval.evaluators=[]"]
 
 
@@ -246,6 +241,8 @@ def test_sigterm_to_the_whole_job_checkpoints_and_exits_143(tmp_path, cache):
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["iteration"] == reached and 1 <= reached < 100
     assert not (run / "metrics.json").exists()
+    logged = [h["iteration"] for h in json.loads((run / "history.json").read_text())]
+    assert logged == list(range(1, reached + 1)) == [h["iteration"] for h in ckpt["history"]]  # log_every=1
 
 
 # --- safe loading and resuming ---------------------------------------------------------------------------

@@ -262,3 +262,20 @@ def wait_for_quiet(max_load: float, max_wait_s: float) -> str:
             return load_average()
         print(f"load {one:.2f} >= {max_load}; waiting ...", flush=True)
         time.sleep(15)
+
+
+def add_common_arguments(parser, threads: bool = True) -> None:
+    """The options every benchmark shares: ``--seed``, ``--wait-for-load``, ``--max-load``, ``--no-write`` and,
+    with ``threads``, ``--threads``."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wait-for-load",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="first wait up to this long for the 1-min load average to drop below --max-load",
+    )
+    parser.add_argument("--max-load", type=float, default=1.0)
+    if threads:
+        parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from _common import (
+    add_common_arguments,
     interleaved_times,
     load_average,
     markdown_table,
@@ -121,17 +122,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="where the model arm trains: cpu | cuda | cuda:N")
     parser.add_argument("--no-r50-estimate", action="store_true", help="skip the R50-FPN FLOP count (~1 min)")
     parser.add_argument("--gpu-rates", default="25,50,100", help="GPU images/s to size the worker pool for")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--wait-for-load",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to this long for the 1-min load average to drop below --max-load",
-    )
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    add_common_arguments(parser)
     args = parser.parse_args()
 
     if args.threads:

@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 from _common import (
+    add_common_arguments,
     load_average,
     markdown_table,
     median,
@@ -79,18 +80,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--detections", type=int, default=100, help="detections per image")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved compute() calls per backend")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where the detections live before update() (cpu | cuda), "
                         "as a model's outputs would; COCO evaluation itself runs on the CPU")  # fmt: skip
-    parser.add_argument(
-        "--wait-for-load",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to this long for the 1-min load average to drop below --max-load",
-    )
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    add_common_arguments(parser, threads=False)
     args = parser.parse_args()
 
     category_ids = list(COCO80_TO_COCO91)

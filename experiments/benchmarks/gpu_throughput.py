@@ -29,7 +29,7 @@ from _common import (
     synchronize,
     write_section,
 )
-from train_step import make_batch
+from train_step import make_batch, make_step
 
 from fl_rpn import build_model
 from fl_rpn.config import compose_config
@@ -83,16 +83,11 @@ def main() -> None:
         optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
         dtype = torch.bfloat16 if amp == "bf16" else None
 
-        def step(model=model, optimizer=optimizer, dtype=dtype) -> None:
+        one_step = make_step(model, optimizer, images, targets, device, dtype)
+
+        def step(one_step=one_step) -> None:
             for _ in range(args.steps):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    losses = model(images, targets)
-                loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss {losses}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                one_step()
 
         steps[name] = step
         arms[name] = (amp, channels_last)

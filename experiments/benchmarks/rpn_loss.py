@@ -33,6 +33,7 @@ import sys
 
 import torch
 from _common import (
+    add_common_arguments,
     count_large_ops,
     fmt_bytes,
     fmt_ms,
@@ -155,19 +156,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed samples per arm and size (median reported)")
     parser.add_argument("--min-sample-ms", type=float, default=20.0, help="repeat short calls to fill a sample")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nodiag", action="store_true", help="also time the focal arms without their diagnostics")
     parser.add_argument("--baseline", metavar="REV", help="also time the focal arms as they are at git revision REV")
-    parser.add_argument(
-        "--wait-for-load",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to this long for the 1-min load average to drop below --max-load",
-    )
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    add_common_arguments(parser)
     args = parser.parse_args()
 
     device = select_device(args.device)

@@ -21,6 +21,7 @@ import argparse
 
 import torch
 from _common import (
+    add_common_arguments,
     fmt_bytes,
     interleaved_times,
     iqr,
@@ -115,17 +116,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-diagnostics", action="store_true", help="do not attach the sampled RPN's diagnostics")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per arm")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--wait-for-load",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="first wait up to this long for the 1-min load average to drop below --max-load",
-    )
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    add_common_arguments(parser)
     args = parser.parse_args()
     args.size = tuple(int(s) for s in args.size.split(",")) if args.size else None
 

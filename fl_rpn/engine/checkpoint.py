@@ -1,10 +1,11 @@
 """Checkpoints: written atomically (temporary file, fsync, rename), read with ``weights_only=True``.
 
 A checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``iteration``
-(the number of finished iterations), ``rng`` (torch CPU / CUDA and Python states) and ``config``
-(the resolved run config as plain containers, used to explain a mismatch).
+(the number of finished iterations), ``rng`` (torch CPU / CUDA and Python states), ``history`` (the
+logged scalars so far) and ``config`` (the resolved run config as plain containers, used to explain a mismatch).
 """
 
+import json
 import os
 import random
 from pathlib import Path
@@ -58,6 +59,18 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

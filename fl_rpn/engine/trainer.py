@@ -4,7 +4,6 @@ One iteration = one batch of ``cfg.batch_size`` images per process. The run dire
 resolved config (Hydra's ``.hydra/``), TensorBoard events (``tb/``), ``last.pt`` and ``metrics.json``.
 """
 
-import json
 import logging
 import signal
 import time
@@ -29,6 +28,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_json,
 )
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate
@@ -130,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
     start_iter = 0
+    history: list[dict[str, float]] = []  # the logged scalars; kept in the checkpoint, so a resumed run has them all
     checkpoint_path = broadcast_object(resolve_resume(cfg.resume, output_dir), dist_info)  # rank 0 decides
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
@@ -146,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][dist_info.rank] if dist_info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_iter = ckpt["iteration"]
+        history = [h for h in ckpt.get("history", []) if h["iteration"] <= start_iter]
         log.info("resumed from %s at iteration %d", checkpoint_path, start_iter)
 
     ddp_model = model
@@ -176,17 +178,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "iteration": iteration, "rng": rngs,
+                    "iteration": iteration, "rng": rngs, "history": history,
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "meta": {"class_names": train_set.meta.class_names, "category_ids": train_set.meta.category_ids},
                 },
             )  # fmt: skip
+            write_json(output_dir / "history.json", history)  # a killed or pre-empted run keeps its curves
         barrier(dist_info)
 
     schedule = cfg.schedule
     stream = TrainStream(train_set, cfg.batch_size, cfg.num_workers, cfg.seed, cfg.group_aspect_ratio, dist_info)
     preemption = _Preemption()
-    history: list[dict[str, float]] = []
     window: dict[str, list[float]] = {}
     skipped_steps = 0
     t_start = time.perf_counter()
@@ -278,10 +280,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result = {**metrics, **summary}
         for k, v in metrics.items():
             writer.add_scalar(k, v, iteration)
-        (output_dir / "metrics.json").write_text(
-            json.dumps({**result, "provenance": provenance(cfg, dist_info.world_size)}, indent=2, default=str)
-        )
-        (output_dir / "history.json").write_text(json.dumps(history))
+        write_json(output_dir / "metrics.json", {**result, "provenance": provenance(cfg, dist_info.world_size)})
+        write_json(output_dir / "history.json", history)
         print(summarize({k: v for k, v in result.items() if "/AP/" not in k}))
         return result
     finally:
