@@ -62,7 +62,8 @@ def check(run_dir: Path) -> dict:
     """Finite logged scalars (history.json, TensorBoard) and finite weights (last.pt) of one arm."""
     from fl_rpn.engine.checkpoint import load_checkpoint
 
-    result: dict = {"run_dir": str(run_dir), **tensorboard_scalars(run_dir)}
+    shown = run_dir.resolve().relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
+    result: dict = {"run_dir": str(shown), **tensorboard_scalars(run_dir)}
     history_file, ckpt_file = run_dir / "history.json", run_dir / "last.pt"
     if history_file.is_file():
         history = json.loads(history_file.read_text())
