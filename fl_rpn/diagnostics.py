@@ -31,9 +31,9 @@ def anchor_statistics(
     easy = negative & trained & (object_logit < EASY_LOGIT)
     total = torch.where(trained, per_anchor_loss, 0.0).sum()
     return {
-        "positive_anchors_per_image": (labels == 1).sum() / num_images,
-        "negative_anchors_per_image": negative.sum() / num_images,
-        "trained_anchors_per_image": trained.sum() / num_images,
+        "positive_anchors_per_image": (labels == 1).count_nonzero() / num_images,
+        "negative_anchors_per_image": negative.count_nonzero() / num_images,
+        "trained_anchors_per_image": trained.count_nonzero() / num_images,
         "easy_negative_loss_share": torch.where(easy, per_anchor_loss, 0.0).sum() / total.clamp(min=1e-12),
     }
 
