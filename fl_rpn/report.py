@@ -187,6 +187,11 @@ def write_csv(path: Path, runs: list[Run], metrics: list[str]) -> None:
             w.writerow([r.path.name, r.status, *(r.overrides.get(k, "") for k in keys), *values])
 
 
+def tick_label(arm: str) -> str:
+    """An arm's override values, for a crowded axis: ``"rpn=focal_sigmoid,rpn.gamma=1"`` -> ``"focal_sigmoid 1"``."""
+    return " ".join(part.split("=", 1)[-1] for part in arm.split(","))
+
+
 def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -202,7 +207,7 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
             means = [100 * summary["table"][a].get(m, (math.nan, 0, 0))[0] for a in arms]
             sds = [100 * summary["table"][a].get(m, (0, math.nan, 0))[1] for a in arms]
             ax.bar(range(len(arms)), means, yerr=[0 if math.isnan(s) else s for s in sds], capsize=4, color="C0")
-            ax.set_xticks(range(len(arms)), [a.split("=")[-1] for a in arms], rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(range(len(arms)), [tick_label(a) for a in arms], rotation=45, ha="right", fontsize=7)
             ax.set_title(m, fontsize=9)
         fig.tight_layout()
         written.append(out_dir / "metrics.png")

@@ -7,7 +7,7 @@ import statistics
 import pytest
 import yaml
 
-from fl_rpn.report import load_runs, report, t95
+from fl_rpn.report import load_runs, report, t95, tick_label
 
 from .test_train_app import TINY, run_app
 
@@ -72,3 +72,8 @@ def test_a_real_sweep_through_the_launcher(tmp_path):
     expected = statistics.fmean(by_seed[("focal_sigmoid", s)] - by_seed[("sampled", s)] for s in "01")
     assert diff[0] == pytest.approx(expected) and diff[3] == 2
     assert (sweep / "report.md").is_file() and (sweep / "proposal_recall.png").is_file()
+
+
+def test_tick_labels_keep_every_swept_value():
+    assert tick_label("rpn=focal_sigmoid,rpn.gamma=1") == "focal_sigmoid 1"
+    assert tick_label("rpn=sampled") == "sampled"
