@@ -70,13 +70,17 @@ def _load_local_weights(module: nn.Module, path: Path, what: str) -> None:
         raise ValueError(f"model.backbone_weights={path}: not a {what} state dict; missing keys {missing[:5]} ...")
 
 
-def _pretrained_backbone(constructor, weights: str | None, what: str) -> tuple[nn.Module, bool]:
+def _pretrained_backbone(constructor, weights: str | None, what: str, load: bool) -> tuple[nn.Module, bool]:
     """Build ``constructor`` (resnet50 / mobilenet_v3_large) from a torchvision weights name or a local file.
 
-    Returns the module and whether it carries trained weights (then BatchNorm is frozen, as in torchvision).
+    Returns the module and whether it is a pretrained layout (then BatchNorm is frozen, as in torchvision).
+    With ``load=False`` the pretrained layout is built but nothing is read or downloaded: a checkpoint is
+    about to overwrite the weights.
     """
     if weights is None:
         return constructor(weights=None, norm_layer=nn.BatchNorm2d), False
+    if not load:
+        return constructor(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d), True
     path = Path(str(weights)).expanduser()
     if path.suffix in {".pt", ".pth", ".bin"} or path.exists():
         if not path.is_file():
@@ -109,15 +113,20 @@ def _trainable_layers(requested: int | None, trained: bool, all_layers: int) -> 
     return 3 if requested is None else requested
 
 
-def build_backbone(model_cfg: DictConfig) -> nn.Module:
-    """Backbone + FPN with ``out_channels``; returns an ``OrderedDict`` of feature maps per level."""
+def build_backbone(model_cfg: DictConfig, load_weights: bool = True) -> nn.Module:
+    """Backbone + FPN with ``out_channels``; returns an ``OrderedDict`` of feature maps per level.
+
+    ``load_weights=False`` builds the layout that ``model.backbone_weights`` implies without reading them.
+    """
     name = model_cfg.name
     trainable = model_cfg.get("trainable_backbone_layers")
     if name == "r50_fpn":
-        body, trained = _pretrained_backbone(resnet50, model_cfg.backbone_weights, "resnet50")
+        body, trained = _pretrained_backbone(resnet50, model_cfg.backbone_weights, "resnet50", load_weights)
         return _resnet_fpn_extractor(body, _trainable_layers(trainable, trained, all_layers=5))
     if name == "mbv3_fpn":
-        body, trained = _pretrained_backbone(mobilenet_v3_large, model_cfg.backbone_weights, "mobilenet_v3_large")
+        body, trained = _pretrained_backbone(
+            mobilenet_v3_large, model_cfg.backbone_weights, "mobilenet_v3_large", load_weights
+        )
         return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6))
     if name == "tiny_fpn":
         if model_cfg.backbone_weights is not None:
@@ -134,11 +143,14 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     raise ValueError(f"model.name must be one of r50_fpn, mbv3_fpn, tiny_fpn; got {name!r}")
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> FasterRCNN:
+def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: bool = True) -> FasterRCNN:
     """A torchvision ``FasterRCNN`` for the composed root config ``cfg`` (``conf/train.yaml``).
 
     Args:
         num_classes: object classes of the dataset (the predictor gets ``num_classes + 1`` with background).
+        load_backbone_weights: ``False`` when a checkpoint will supply every weight (resume, eval, predict):
+            the layout ``model.backbone_weights`` implies (frozen BatchNorm, trainable layers) is kept, but
+            nothing is downloaded or read.
     """
     model_cfg, rpn_cfg = cfg.model, cfg.rpn
     detector_kwargs = OmegaConf.to_container(model_cfg.detector, resolve=True)
@@ -151,7 +163,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> FasterRCNN:
     if model_cfg.get("anchor_sizes") is not None:
         sizes = tuple(tuple(s) for s in model_cfg.anchor_sizes)
         detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, (tuple(model_cfg.aspect_ratios),) * len(sizes))
-    backbone = build_backbone(model_cfg)
+    backbone = build_backbone(model_cfg, load_backbone_weights)
     if model_cfg.get("box_head_dim") is not None:  # FasterRCNN hard-codes 1024 for its own head
         resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size
         detector_kwargs["box_head"] = TwoMLPHead(backbone.out_channels * resolution**2, model_cfg.box_head_dim)

@@ -121,17 +121,18 @@ class FocalLossRPN(RegionProposalNetwork):
             init_objectness_prior(head.cls_logits, form, prior_prob)
         self.stats: dict[str, Tensor] = {}
 
-    def reduce_num_positives(self, num_pos: Tensor) -> Tensor:
-        """The focal-loss normaliser: positives of the whole global batch, averaged over ranks.
+    def focal_normalizer(self, num_pos: Tensor) -> Tensor:
+        """What this rank divides its loss sums by: ``max(1, N_pos)`` of the global batch over the number of ranks.
 
-        Under DDP each rank divides its local sum by the mean positive count, so the averaged
-        gradients equal those of one process over the global batch (as in DETR).
+        DDP averages gradients over ranks, so dividing each rank's sum by ``max(1, N_pos) / W`` makes that average
+        the single-process gradient over the global batch (as in DETR). The global count is clamped before the
+        division, so a global batch with fewer positives than ranks (or none) matches one process too.
         """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             num_pos = num_pos.clone()
             dist.all_reduce(num_pos)
-            num_pos = num_pos / dist.get_world_size()
-        return num_pos
+            return num_pos.clamp(min=1.0) / dist.get_world_size()
+        return num_pos.clamp(min=1.0)
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -153,6 +154,9 @@ class FocalLossRPN(RegionProposalNetwork):
         if tuple(objectness.shape) != expected:
             raise ValueError(f"{self.form} FocalLossRPN expects objectness {expected}, got {tuple(objectness.shape)}")
 
+        # at least float32 under autocast: sums over ~1e5 anchors and counts lose digits in bf16 / fp16
+        dtype = torch.promote_types(objectness.dtype, torch.float32)
+        objectness = objectness.to(dtype)
         valid = labels >= 0
         positive = labels == 1
         if self.form == "sigmoid":
@@ -161,19 +165,21 @@ class FocalLossRPN(RegionProposalNetwork):
             per_anchor = softmax_focal_loss(objectness, positive, self.alpha, self.gamma)
         per_anchor = torch.where(valid, per_anchor, 0.0)  # masks, not indexing: no host sync, no copies
 
-        num_pos = self.reduce_num_positives(positive.count_nonzero().to(objectness.dtype))
-        loss_objectness = self.loss_weight * per_anchor.sum() / num_pos.clamp(min=1.0)
+        normalizer = self.focal_normalizer(positive.count_nonzero().to(torch.float32))
+        loss_objectness = self.loss_weight * per_anchor.sum() / normalizer
 
         # Only the few positives (~0.1 % of R) have a box loss: index them (one host sync, as torchvision's
         # sampler and filter_proposals have) rather than run smooth L1 and its backward over all R x 4 deltas.
         pos_idx = torch.where(positive)[0]
-        box_loss = F.smooth_l1_loss(pred_bbox_deltas[pos_idx], regression_targets[pos_idx], beta=1 / 9, reduction="sum")
-        loss_rpn_box_reg = box_loss / (2 * num_pos).clamp(min=1.0)
+        box_loss = F.smooth_l1_loss(
+            pred_bbox_deltas[pos_idx].to(dtype), regression_targets[pos_idx].to(dtype), beta=1 / 9, reduction="sum"
+        )
+        loss_rpn_box_reg = box_loss / (2 * normalizer)
 
         self.stats = anchor_statistics(
             object_logit(objectness.detach()), labels, per_anchor.detach(), valid, num_images
         )
-        self.stats["focal_normalizer"] = num_pos.detach().clamp(min=1.0)
+        self.stats["focal_normalizer"] = normalizer.detach()
         return loss_objectness, loss_rpn_box_reg
 
     def forward(
@@ -260,4 +266,5 @@ def use_focal_rpn(
         gamma=gamma,
         prior_prob=prior_prob,
     )
+    model.rpn.train(old.training)
     return model

@@ -7,7 +7,7 @@ weights after every optimizer step (and the gradients of the first) through a gl
 Exact comparison with one process: the reference trains one process on the same 2-image global batches
 (rank 0's image, then rank 1's). What makes the two runs the same computation:
 
-- the focal RPN's normaliser N_pos is all-reduced (``FocalLossRPN.reduce_num_positives``): rank r divides its
+- the focal RPN's normaliser N_pos is all-reduced (``FocalLossRPN.focal_normalizer``): rank r divides its
   sum by the mean count, so DDP's averaged gradient is that of the global sum over the global N_pos;
 - every other loss is a mean over a per-image sample of fixed size (256 anchors per image for the sampled RPN,
   ``box_batch_size_per_image`` RoIs), so the mean over ranks of per-rank means is the global mean;
@@ -103,6 +103,46 @@ def worker(spec: dict) -> None:
         torch.save({"weights": recorder.weights, "first_grads": recorder.first_grads}, f"{spec['record']}.{rank}.pt")
 
 
+# positives per rank of a 2-rank global batch: more than ranks, fewer than ranks, none
+NORMALIZER_CASES = {"both_ranks": (3, 2), "fewer_than_ranks": (1, 0), "none": (0, 0)}
+
+
+def normalizer_inputs(num_pos: int, seed: int, form: str, n: int = 60):
+    """``compute_loss`` inputs of one image with ``num_pos`` positives, 10 ignored anchors, the rest background."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(n)
+    labels[:num_pos] = 1.0
+    labels[-10:] = -1.0
+    objectness = torch.randn(n, 2 if form == "softmax" else 1, generator=g, dtype=torch.float64)
+    return objectness, torch.randn(n, 4, generator=g, dtype=torch.float64), labels, torch.randn(n, 4, generator=g)
+
+
+def loss_only_rpn(form: str):
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RPNHead
+
+    from fl_rpn import FocalLossRPN, TwoLogitRPNHead
+
+    head = (TwoLogitRPNHead if form == "softmax" else RPNHead)(4, 3)
+    anchors = AnchorGenerator(((16,),), ((0.5, 1.0, 2.0),))
+    return FocalLossRPN(anchors, head, 0.7, 0.3, {"training": 10}, {"training": 10}, 0.7, form=form)
+
+
+def normalizer_worker(spec: dict) -> None:
+    """Each rank computes the focal RPN loss on its image of every case, with N_pos all-reduced."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, out = dist.get_rank(), {}
+    for form in ("sigmoid", "softmax"):
+        rpn = loss_only_rpn(form)
+        for case, counts in NORMALIZER_CASES.items():
+            objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, form)
+            out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
+    dist.destroy_process_group()
+    torch.save(out, f"{spec['record']}.{rank}.pt")
+
+
 # -- launching ---------------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -117,11 +157,13 @@ def cache(tmp_path_factory) -> Path:
 
 
 def launch(tmp_path: Path, name: str, cache: Path, overrides: list[str], rank_overrides=None, nan_on_rank=None,
-           check=True):  # fmt: skip
-    """Run 2 ranks; returns ``(returncodes, outputs, records)``. Rank r runs in ``tmp_path/name/cwd<r>``."""
+           check=True, kind="train"):  # fmt: skip
+    """Run 2 ranks of ``kind`` (``train``: ``worker``; ``normalizer``: ``normalizer_worker``); returns
+    ``(returncodes, outputs, records)``. Rank r runs in ``tmp_path/name/cwd<r>``."""
     base = tmp_path / name
     spec = {"overrides": overrides, "rank_overrides": rank_overrides or {}, "record": str(base / "record")}
     spec["nan_on_rank"] = nan_on_rank
+    spec["kind"] = kind
     env = {
         **os.environ, "FL_RPN_CACHE": str(cache), "HYDRA_FULL_ERROR": "1",
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
@@ -216,27 +258,36 @@ class GlobalBatchStream:
             yield images0 + images1, targets0 + targets1
 
 
-def test_first_step_equals_one_process_on_the_global_batch(ddp_run, cache, compose_cfg, monkeypatch, tmp_path):
+@pytest.mark.parametrize("rpn", ["focal_softmax", "focal_sigmoid", "sampled"])
+def test_first_step_equals_one_process_on_the_global_batch(rpn, ddp_run, cache, compose_cfg, monkeypatch, tmp_path):
     from fl_rpn.engine import trainer
 
+    if rpn == "focal_softmax":  # the shared run's default
+        ddp, ddp_dir = ddp_run["records"][0], ddp_run["run_dir"]
+    else:
+        ddp_dir = tmp_path / "ddp_run"
+        overrides = [*TINY, f"rpn={rpn}", "schedule.max_iters=1"]
+        ddp = launch(tmp_path, "ddp", cache, overrides, rank_overrides={"0": [f"hydra.run.dir={ddp_dir}"]})[2][0]
     monkeypatch.setenv("FL_RPN_CACHE", str(cache))
     monkeypatch.setattr(BalancedPositiveNegativeSampler, "__call__", first_k_sample)
     monkeypatch.setattr(trainer, "TrainStream", GlobalBatchStream)
     recorder = StepRecorder()
+    single_dir = tmp_path / "single"
     try:
-        trainer.train(compose_cfg(*TINY, "batch_size=2", "schedule.max_iters=1", f"output_dir={tmp_path}"))
+        trainer.train(
+            compose_cfg(*TINY, f"rpn={rpn}", "batch_size=2", "schedule.max_iters=1", f"output_dir={single_dir}")
+        )
     finally:
         recorder.handle.remove()
 
-    ddp = ddp_run["records"][0]
     torch.testing.assert_close(ddp["first_grads"], recorder.first_grads, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ddp["weights"][0], recorder.weights[0], rtol=1e-5, atol=1e-7)
-    ddp_losses = json.loads((ddp_run["run_dir"] / "history.json").read_text())[0]  # mean over ranks
-    single_losses = json.loads((tmp_path / "history.json").read_text())[0]
+    ddp_losses = json.loads((ddp_dir / "history.json").read_text())[0]  # mean over ranks
+    single_losses = json.loads((single_dir / "history.json").read_text())[0]
     for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss", "lr"):
         assert ddp_losses[k] == pytest.approx(single_losses[k], rel=1e-5), k
-    # the normaliser is the global mean of positives per rank, the same number on both ranks
-    assert ddp_losses["rpn/focal_normalizer"] == pytest.approx(single_losses["rpn/focal_normalizer"] / 2, rel=1e-6)
+    if rpn != "sampled":  # the normaliser is the global count over the ranks, the same number on both ranks
+        assert ddp_losses["rpn/focal_normalizer"] == pytest.approx(single_losses["rpn/focal_normalizer"] / 2, rel=1e-6)
 
 
 # -- (c) DDP checkpoints resume, on 2 processes and on 1 ------------------------------------------------------------
@@ -356,5 +407,20 @@ def test_every_trainable_parameter_gets_a_gradient(compose_cfg):
         assert not unused, (rpn, unused)
 
 
+def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(tmp_path, cache):
+    """DDP averages over ranks: the mean of the ranks' losses must be the one-process loss over the global batch,
+    also when the global batch has fewer positives than ranks, or none (the clamp to >= 1 is global)."""
+    _, _, records = launch(tmp_path, "normalizer", cache, [], kind="normalizer")
+    for form in ("sigmoid", "softmax"):
+        rpn = loss_only_rpn(form)
+        for case, counts in NORMALIZER_CASES.items():
+            parts = [normalizer_inputs(num_pos, rank, form) for rank, num_pos in enumerate(counts)]
+            objectness, deltas = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            single = rpn.compute_loss(objectness, deltas, [p[2] for p in parts], [p[3].double() for p in parts])
+            ddp_mean = (records[0][form, case] + records[1][form, case]) / 2
+            torch.testing.assert_close(ddp_mean, torch.stack(single), rtol=1e-12, atol=0, msg=f"{form} {case}")
+
+
 if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
+    spec = json.loads(sys.argv[1])
+    normalizer_worker(spec) if spec.get("kind") == "normalizer" else worker(spec)

@@ -73,14 +73,40 @@ def test_backbone_weights_from_a_local_file(compose_cfg, tmp_path):
 
 
 def test_offline_weights_name_says_where_to_put_the_file(compose_cfg, monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torchvision.models._api
 
-    def offline(*args, **kwargs):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+
+    def offline(url, *args, **kwargs):
+        calls.append(url)
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # torchvision's weights enums call the copy imported into torchvision.models._api, not torch.hub's
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match=r"put that file at .*checkpoints.*resnet50-"):
         build_backbone(compose_cfg("model=r50_fpn", "model.backbone_weights=IMAGENET1K_V1").model)
+    assert calls and calls[0].endswith(".pth")
+
+
+def test_pretrained_layout_without_loading_reads_nothing(compose_cfg, monkeypatch):
+    import torchvision.models._api
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a checkpoint supplies the weights: nothing may be downloaded")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_download)
+    cfg = compose_cfg("model=r50_fpn", "model.backbone_weights=IMAGENET1K_V1", "rpn=focal_sigmoid")
+    model = build_model(cfg, num_classes=3, load_backbone_weights=False)
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    # torchvision's rule for a pretrained backbone: 3 trainable stages, conv1 and layer1 frozen
+    assert not body.conv1.weight.requires_grad and not body.layer1[0].conv1.weight.requires_grad
+    assert body.layer2[0].conv1.weight.requires_grad
+    random_init = build_model(compose_cfg("model=r50_fpn", "rpn=focal_sigmoid"), num_classes=3)
+    assert isinstance(random_init.backbone.body.bn1, torch.nn.BatchNorm2d)
+    assert random_init.backbone.body.conv1.weight.requires_grad
 
 
 def fixed_batch():

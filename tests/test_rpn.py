@@ -261,3 +261,34 @@ def test_use_focal_rpn_keeps_torchvision_settings():
         torch.testing.assert_close(new.head.bbox_pred.weight, old.head.bbox_pred.weight)
         assert new.head.cls_logits.out_channels == 2 * old.head.cls_logits.out_channels
         model.eval()(torch.rand(1, 3, 128, 128))
+
+
+def test_use_focal_rpn_keeps_the_models_mode():
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, num_classes=3).eval()
+    use_focal_rpn(model, form="softmax")
+    assert not model.rpn.training
+    detections = model([torch.rand(3, 96, 96)])  # would need targets if the new RPN were in training mode
+    assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "softmax"])
+def test_loss_is_float32_under_bf16_autocast(form):
+    # 301 positives: bf16 holds 8 significant bits and would count them as 300
+    n, num_pos = 4000, 301
+    labels = torch.zeros(n)
+    labels[:num_pos] = 1.0
+    labels[-100:] = -1.0
+    g = torch.Generator().manual_seed(0)
+    objectness = torch.randn(n, 2 if form == "softmax" else 1, generator=g)
+    deltas, targets = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+    rpn = make_rpn(form)
+    reference = rpn.compute_loss(objectness, deltas, [labels], [targets])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = rpn.compute_loss(objectness.bfloat16(), deltas.bfloat16(), [labels], [targets.bfloat16()])
+    assert rpn.stats["focal_normalizer"].item() == num_pos
+    for got, want in zip(low, reference):
+        assert got.dtype == torch.float32
+        # only the bf16 rounding of the inputs remains (relative 2^-8 per logit), not of the sum or the count
+        assert got.item() == pytest.approx(want.item(), rel=1e-2)

@@ -101,9 +101,10 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 # Config groups that define what the weights mean: resuming under other values would silently mix two models.
-# ``model.backbone_weights`` only chooses the initialisation, which a resumed run does not use.
+# ``model.backbone_weights`` chooses the initialisation, which a resumed run does not use, and the layout (a
+# pretrained backbone has frozen BatchNorm and frozen early layers), which it does: only null vs not-null must match.
 RESUME_MUST_MATCH = ("model", "rpn")
-RESUME_MAY_DIFFER = ("model.backbone_weights",)
+PRETRAINED_KEY = "model.backbone_weights"
 
 
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:
@@ -113,6 +114,10 @@ def _flatten(node: Any, prefix: str) -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}.{k}"))
         return out
     return {prefix: node}
+
+
+def _backbone_layout(weights: Any) -> str:
+    return "null (trained BatchNorm)" if weights in (None, "<absent>") else "pretrained (frozen BatchNorm)"
 
 
 def check_resume_config(
@@ -132,8 +137,11 @@ def check_resume_config(
         old = _flatten(saved["config"].get(group, {}), group)
         new = _flatten(OmegaConf.to_container(cfg[group], resolve=True), group)
         for key in sorted(set(old) | set(new)):
-            if key not in RESUME_MAY_DIFFER and old.get(key, "<absent>") != new.get(key, "<absent>"):
-                lines.append(f"  {key}: checkpoint {old.get(key, '<absent>')!r}, now {new.get(key, '<absent>')!r}")
+            before, now = old.get(key, "<absent>"), new.get(key, "<absent>")
+            if key == PRETRAINED_KEY:
+                before, now = _backbone_layout(before), _backbone_layout(now)
+            if before != now:
+                lines.append(f"  {key}: checkpoint {before!r}, now {now!r}")
     saved_names = saved.get("meta", {}).get("class_names")
     if class_names is not None and saved_names is not None and list(saved_names) != list(class_names):
         lines.append(f"  dataset classes: checkpoint {list(saved_names)[:5]}..., now {list(class_names)[:5]}...")
@@ -180,6 +188,6 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}: was it written by fl-rpn-train?")
     cfg = OmegaConf.create(ckpt["config"])
-    model = build_model(cfg, num_classes=len(ckpt["meta"]["class_names"]))
+    model = build_model(cfg, num_classes=len(ckpt["meta"]["class_names"]), load_backbone_weights=False)
     load_model_state(model, ckpt["model"], path)
     return model.eval(), ckpt

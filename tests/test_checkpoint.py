@@ -1,0 +1,54 @@
+"""Checkpoints of runs with a pretrained backbone: rebuilt without fetching weights, resumed under the same layout."""
+
+import pytest
+import torch
+import torchvision.models._api
+from omegaconf import OmegaConf
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from fl_rpn import build_model
+from fl_rpn.engine.checkpoint import check_resume_config, model_from_checkpoint, save_checkpoint
+
+
+def saved_run(cfg, model, class_names):
+    return {
+        "model": model.state_dict(),
+        "config": {group: OmegaConf.to_container(cfg[group], resolve=True) for group in ("model", "rpn")},
+        "meta": {"class_names": class_names, "category_ids": list(range(1, len(class_names) + 1))},
+    }
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    def refuse(url, *args, **kwargs):
+        raise OSError(f"offline: {url}")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+
+
+def test_a_pretrained_run_is_rebuilt_from_its_checkpoint_offline(compose_cfg, tmp_path, offline):
+    cfg = compose_cfg("model=mbv3_fpn", "model.backbone_weights=IMAGENET1K_V1", "rpn=focal_softmax")
+    model = build_model(cfg, num_classes=2, load_backbone_weights=False)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias.fill_(0.5)
+    save_checkpoint(tmp_path / "last.pt", saved_run(cfg, model, ["cat", "dog"]))
+
+    rebuilt, ckpt = model_from_checkpoint(tmp_path / "last.pt")  # no download: the weights are in the file
+    assert not rebuilt.training and ckpt["meta"]["class_names"] == ["cat", "dog"]
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in rebuilt.backbone.body.modules())
+    torch.testing.assert_close(rebuilt.roi_heads.box_predictor.cls_score.bias, torch.full((3,), 0.5))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v, msg=k)
+
+
+def test_resume_accepts_other_weights_of_the_same_layout_but_not_another_layout(compose_cfg):
+    saved = {"config": OmegaConf.to_container(compose_cfg("model=r50_fpn", "model.backbone_weights=IMAGENET1K_V1"))}
+    # the file moved, or another weights name: the weights are overwritten by the checkpoint anyway
+    for now in ("model.backbone_weights=/elsewhere/resnet50.pth", "model.backbone_weights=IMAGENET1K_V2"):
+        check_resume_config(saved, compose_cfg("model=r50_fpn", now), "last.pt")
+    with pytest.raises(ValueError) as err:
+        check_resume_config(saved, compose_cfg("model=r50_fpn", "model.backbone_weights=null"), "last.pt")
+    message = str(err.value)
+    expected = "model.backbone_weights: checkpoint 'pretrained (frozen BatchNorm)', now 'null (trained BatchNorm)'"
+    assert expected in message
+    assert message.startswith("cannot resume from last.pt")
