@@ -3,10 +3,11 @@
 fl-rpn-check-data dataset=coco128 data_root=/data                 # same overrides as fl-rpn-train
 fl-rpn-check-data dataset=coco data_root=/data check_images=header  # headers only: faster, misses truncation
 
-Prints, per split, the image / box / class counts, what the reader skipped or flagged (clipped and dropped
-boxes, empty images, ...) and every problem (a file that is missing, not an image, truncated, or of another
-size than its annotations say; or the reader's error for a bad annotation file). Exits 1 if any split has
-a problem, else 0.
+The config is validated first, as ``fl-rpn-train`` does (``fl_rpn.validation``): a bad value stops the command
+with the key named, before any data is read. Then it prints, per split, the image / box / class counts, what
+the reader skipped or flagged (clipped and dropped boxes, empty images, ...) and every problem (a file that is
+missing, not an image, truncated, or of another size than its annotations say; or the reader's error for a
+bad annotation file). Exits 1 if any split has a problem, else 0.
 """
 
 import sys
@@ -16,10 +17,15 @@ from omegaconf import DictConfig
 
 from .config import CONF_DIR
 from .data import SplitReport, build_dataset, check_dataset
+from .validation import validate_config
 
 
 def check_data(cfg: DictConfig) -> list[SplitReport]:
-    """One report per split (``dataset.train``, ``dataset.val``); images decoded unless ``check_images=header``."""
+    """One report per split (``dataset.train``, ``dataset.val``); images decoded unless ``check_images=header``.
+
+    A bad config value raises ``ValueError`` naming the key (``validate_config``) before any data is read.
+    """
+    validate_config(cfg)
     depth = "header" if cfg.check_images == "header" else "decode"
     reports, datasets = [], {}
     for split in ("train", "val"):

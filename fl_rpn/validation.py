@@ -4,6 +4,7 @@ Unknown keys are rejected by Hydra's struct mode; this checks values and names t
 ``ValueError("config key rpn.gamma=-1: must be a number >= 0")``.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_number(key: str, value: Any, ok: Callable[[float], bool], requirement: str) -> None:
-    """``value`` must be an int or float (not a string or bool) and satisfy ``ok``."""
+    """``value`` must be a finite int or float (not a string, bool, NaN or inf) and satisfy ``ok``."""
+    _check(not _is_number(value) or math.isfinite(value), key, value, f"must be a finite number {requirement}")
     _check(_is_number(value) and ok(value), key, value, f"must be a number {requirement}")
 
 

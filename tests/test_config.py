@@ -1,5 +1,7 @@
 """Every option of every config group composes, validates, and (where it needs no external files) builds."""
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -22,6 +24,16 @@ def test_every_option_composes_and_validates(group, option):
     validate_config(cfg)
     OmegaConf.to_container(cfg.dataset, resolve=True)  # every interpolation resolves
     assert cfg.dataset.train.format in {"coco", "voc", "yolo", "synthetic"}
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["rpn.gamma=inf", "rpn.gamma=nan", "rpn.loss_weight=inf", "rpn.loss_weight=nan", "rpn.alpha=nan", "optim.lr=inf"],
+)
+def test_non_finite_numbers_are_rejected_naming_the_key(override):
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"^config key {re.escape(key)}={value}: must be a finite number "):
+        validate_config(compose_config([override]))
 
 
 def test_the_default_is_the_cpu_demo():

@@ -15,7 +15,7 @@ from .records import DatasetMeta, ImageRecord, make_record
 # What every entry must have for detection: (list key, required fields)
 _REQUIRED = {
     "images": ("id", "file_name", "width", "height"),
-    "annotations": ("image_id", "category_id", "bbox"),
+    "annotations": ("id", "image_id", "category_id", "bbox"),
     "categories": ("id", "name"),
 }
 
@@ -28,7 +28,8 @@ def check_coco_json(data: Any, annotations: str | Path) -> None:
     """Raise ``ValueError`` naming the file and the first bad entry unless ``data`` is a usable COCO detection json.
 
     Checks: a JSON object with lists ``images``, ``annotations`` and ``categories``; the required fields of
-    every entry (``_REQUIRED``); numeric image sizes and ids; ``bbox`` a list of 4 numbers; unique image and
+    every entry (``_REQUIRED``); numeric image sizes and ids; a string ``file_name`` and category ``name``;
+    ``bbox`` a list of 4 numbers; ``area`` (when given) a number and ``iscrowd`` 0 or 1; unique image and
     category ids. Box values (NaN, negative size) are checked per image by ``make_record``.
     """
     where = f"COCO annotation file {annotations}"
@@ -49,11 +50,26 @@ def check_coco_json(data: Any, annotations: str | Path) -> None:
     for i, img in enumerate(data["images"]):
         if not all(_is_number(img[k]) for k in ("id", "width", "height")):
             raise ValueError(f"{where}: images[{i}] has a non-numeric id, width or height: {img!r:.120}.")
+        if not isinstance(img["file_name"], str):
+            raise ValueError(f"{where}: images[{i}] (id {img['id']}) has file_name {img['file_name']!r:.80}; "
+                             "expected a path relative to the image folder.")  # fmt: skip
+    for i, cat in enumerate(data["categories"]):
+        if not (_is_number(cat["id"]) and isinstance(cat["name"], str)):
+            raise ValueError(f"{where}: categories[{i}] needs a numeric id and a string name: {cat!r:.120}.")
     for i, ann in enumerate(data["annotations"]):
+        if not all(_is_number(ann[k]) for k in ("id", "image_id", "category_id")):
+            raise ValueError(f"{where}: annotations[{i}] has a non-numeric id, image_id or category_id: "
+                             f"{ann!r:.120}.")  # fmt: skip
         box = ann["bbox"]
         if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            raise ValueError(f"{where}: annotations[{i}] (id {ann.get('id')}) has bbox {box!r:.80}; "
+            raise ValueError(f"{where}: annotations[{i}] (id {ann['id']}) has bbox {box!r:.80}; "
                              "expected [x, y, width, height].")  # fmt: skip
+        if "area" in ann and not _is_number(ann["area"]):
+            raise ValueError(f"{where}: annotations[{i}] (id {ann['id']}) has area {ann['area']!r:.80}; "
+                             "expected a number.")  # fmt: skip
+        if ann.get("iscrowd", 0) not in (0, 1):
+            raise ValueError(f"{where}: annotations[{i}] (id {ann['id']}) has iscrowd {ann['iscrowd']!r:.80}; "
+                             "expected 0 or 1.")  # fmt: skip
     for key in ("images", "categories"):
         ids = [e["id"] for e in data[key]]
         if len(set(ids)) != len(ids):

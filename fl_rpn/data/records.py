@@ -6,6 +6,7 @@ Shapes: M boxes in one image; boxes are absolute ``xyxy`` pixels in continuous c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def make_record(
 ) -> ImageRecord:
     """Build an ImageRecord from raw xyxy boxes, checking, clipping and dropping them.
 
-    - An image size that is not positive, a box coordinate that is NaN or infinite, or a box with negative
+    - An image size that is not positive and finite, a box coordinate that is NaN or infinite, or a box with negative
       width or height is an error (``ValueError`` naming ``source``, the annotation file and entry the
       boxes come from, and the box: ``box_names[i]`` when given, e.g. ``"annotation 17"``, else ``box i``);
     - boxes reaching outside the image are clipped to it and counted in ``stats['boxes_clipped']``;
@@ -100,8 +101,8 @@ def make_record(
     def name(i: int) -> str:
         return box_names[i] if box_names is not None else f"box {i}"
 
-    if not (width > 0 and height > 0):
-        raise ValueError(f"{where}: image size {width}x{height} (WxH) is not positive.")
+    if not (0 < width < math.inf and 0 < height < math.inf):  # also False for NaN
+        raise ValueError(f"{where}: image size {width}x{height} (WxH) is not positive and finite.")
     raw = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     bad = ~np.isfinite(raw).all(axis=1)
     if bad.any():

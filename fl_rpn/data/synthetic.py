@@ -149,10 +149,11 @@ def make_synthetic_coco(
 ) -> tuple[Path, Path]:
     """Write ``root/images/<i>.png`` and ``root/annotations.json`` (COCO format); return both paths.
 
-    ``image_size`` is (H, W). An image is empty with probability ``empty_fraction``, else it gets
-    1..``max_objects`` objects (fewer when one cannot be placed without heavy overlap), each
-    ``min_object_size`` to ``max_object_size`` px on a side (log-uniform; default: half the shorter
-    image side). Category ids are 1..5 in ``SHAPES`` order; ``area`` is the shape's pixel count.
+    ``image_size`` is (H, W). An image is empty with probability ``empty_fraction``, else it is drawn
+    1..``max_objects`` objects and gets all of them but those that cannot be placed without heavy overlap
+    (never the first, so it has at least one), each ``min_object_size`` to ``max_object_size`` px on a side
+    (log-uniform, before an aspect jitter of exp(+-0.2); default: half the shorter image side). Category ids
+    are 1..5 in ``SHAPES`` order; ``area`` is the shape's pixel count.
     """
     root = Path(root)
     images_dir = root / "images"

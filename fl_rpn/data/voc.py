@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,19 +33,20 @@ VOC_CLASSES = [
 ]
 
 
-def _text(node: ET.Element, key: str, xml_file: Path) -> str:
+def _text(node: ET.Element, key: str, xml_file: Path, where: str = "") -> str:
+    """The stripped text of ``node``'s child ``key``; ``where`` (e.g. ``"object 2 (dog) "``) goes into errors."""
     child = node.find(key)
     if child is None or child.text is None:
-        raise ValueError(f"VOC annotation {xml_file} has no <{key}> under <{node.tag}>.")
+        raise ValueError(f"VOC annotation {xml_file}: {where}has no <{key}> under <{node.tag}>.")
     return child.text.strip()
 
 
-def _number(node: ET.Element, key: str, xml_file: Path) -> float:
-    text = _text(node, key, xml_file)
+def _number(node: ET.Element, key: str, xml_file: Path, where: str = "") -> float:
+    text = _text(node, key, xml_file, where)
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"VOC annotation {xml_file}: <{node.tag}><{key}> is {text!r}, not a number.") from None
+        raise ValueError(f"VOC annotation {xml_file}: {where}<{node.tag}><{key}> is {text!r}, not a number.") from None
 
 
 def parse_voc_xml(xml_file: Path) -> tuple[int, int, list[list[float]], list[int], list[bool]]:
@@ -61,21 +63,25 @@ def parse_voc_xml(xml_file: Path) -> tuple[int, int, list[list[float]], list[int
     size = root.find("size")
     if size is None:
         raise ValueError(f"VOC annotation {xml_file} has no <size>.")
-    width, height = int(_number(size, "width", xml_file)), int(_number(size, "height", xml_file))
+    width, height = _number(size, "width", xml_file), _number(size, "height", xml_file)
+    if not (math.isfinite(width) and math.isfinite(height)):
+        raise ValueError(f"VOC annotation {xml_file}: image size {width}x{height} (WxH) is not finite.")
     boxes, labels, difficult = [], [], []
-    for obj in root.iter("object"):
-        name = _text(obj, "name", xml_file)
+    for i, obj in enumerate(root.iter("object")):
+        name = _text(obj, "name", xml_file, f"object {i} ")
         if name not in VOC_CLASSES:
             raise ValueError(f"VOC annotation {xml_file} has an object of unknown class {name!r}.")
+        where = f"object {i} ({name}) "
         bb = obj.find("bndbox")
         if bb is None:
             raise ValueError(f"VOC annotation {xml_file} has an object {name!r} without <bndbox>.")
-        x1, y1, x2, y2 = (_number(bb, k, xml_file) for k in ("xmin", "ymin", "xmax", "ymax"))
+        x1, y1, x2, y2 = (_number(bb, k, xml_file, where) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append([x1 - 1, y1 - 1, x2, y2])
         labels.append(VOC_CLASSES.index(name) + 1)
-        flag = obj.find("difficult")
-        difficult.append(flag is not None and flag.text is not None and int(flag.text) == 1)
-    return width, height, boxes, labels, difficult
+        flag = obj.find("difficult")  # missing or empty: not difficult
+        has_flag = flag is not None and (flag.text or "").strip() != ""
+        difficult.append(has_flag and _number(obj, "difficult", xml_file, where) == 1)
+    return int(width), int(height), boxes, labels, difficult
 
 
 def read_voc(
@@ -92,8 +98,9 @@ def read_voc(
 
     An XML without ``<object>`` is a negative image (kept, counted in ``empty_images``). Boxes reaching outside
     ``<size>`` are clipped (counted), boxes <= 1 px dropped (counted). Errors (``ValueError`` naming the XML
-    file): invalid XML, a missing ``<size>``, ``<name>`` or ``<bndbox>`` field, a value that is not a number, an
-    unknown class, ``xmax < xmin`` or ``ymax < ymin``.
+    file and the object): invalid XML, a missing ``<size>``, ``<name>`` or ``<bndbox>`` field, a size, coordinate or
+    ``<difficult>`` flag that is not a number, a NaN or infinite size or coordinate, an unknown class, ``xmax < xmin``
+    or ``ymax < ymin``.
 
     Stats: ``difficult_boxes``, ``boxes_clipped``, ``degenerate_boxes_dropped``, ``empty_images``.
     """
@@ -106,7 +113,11 @@ def read_voc(
         list_file = base / "ImageSets" / "Main" / f"{s}.txt"
         if not list_file.is_file():
             raise FileNotFoundError(f"VOC image list {list_file} does not exist.")
-        for name in list_file.read_text().split():
+        try:
+            names = list_file.read_text().split()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"VOC image list {list_file} is not UTF-8 text: {e}") from e
+        for name in names:
             xml_file = base / "Annotations" / f"{name}.xml"
             if not xml_file.is_file():
                 raise FileNotFoundError(f"VOC annotation {xml_file} (listed in {list_file}) does not exist.")

@@ -105,14 +105,22 @@ def load_yolo_names(names: str | Path | Sequence[str] | Mapping[int, str]) -> li
         path = Path(names)
         if not path.is_file():
             raise FileNotFoundError(f"YOLO data yaml {path} does not exist.")
-        data = yaml.safe_load(path.read_text())
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"YOLO data yaml {path} is not valid YAML: {e}") from e
         if not isinstance(data, dict) or "names" not in data:
             raise ValueError(f"YOLO data yaml {path} has no 'names' key.")
         names = data["names"]
+    if isinstance(names, str) or not isinstance(names, Sequence | Mapping):
+        raise ValueError(f"YOLO class names in {source} must be a list or an {{index: name}} dict, got {names!r:.80}.")
     if isinstance(names, Mapping):
-        keys = sorted(int(k) for k in names)
-        if keys != list(range(len(keys))):
-            raise ValueError(f"YOLO class names in {source} must be indexed 0..{len(keys) - 1} without gaps.")
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            keys = None
+        if keys != list(range(len(names))):
+            raise ValueError(f"YOLO class names in {source} must be indexed 0..{len(names) - 1} without gaps.")
         names = [names[k] if k in names else names[str(k)] for k in keys]
     names = [str(n) for n in names]
     if not names:
@@ -128,15 +136,25 @@ def _category_ids(category_ids: Sequence[int] | Mapping[int, int] | str | None, 
             raise ValueError(f"category_ids {category_ids!r} is not known; use 'coco80', a list or a dict.")
         category_ids = COCO80_TO_COCO91
     if isinstance(category_ids, Mapping):
+        missing = [i for i in range(k) if i not in category_ids]
+        if missing:
+            raise ValueError(f"category_ids has no entry for the class indices {missing} (of 0..{k - 1}).")
         category_ids = [category_ids[i] for i in range(k)]
     if len(category_ids) != k:
         raise ValueError(f"category_ids has {len(category_ids)} entries but there are {k} class names.")
-    return [int(c) for c in category_ids]
+    try:
+        return [int(c) for c in category_ids]
+    except (TypeError, ValueError):
+        raise ValueError(f"category_ids must be integers, got {list(category_ids)!r:.80}.") from None
 
 
 def _read_label_file(path: Path, width: int, height: int, k: int) -> tuple[list[list[float]], list[int]]:
     boxes, labels = [], []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"YOLO label file {path} is not UTF-8 text: {e}") from e
+    for line_no, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -173,8 +191,10 @@ def read_yolo(
     ``"coco80"`` for ``COCO80_TO_COCO91``); by default ``1..K``. ``image_id`` is a running index in
     file-name order; ``source_id`` is the file stem.
 
-    Errors (``ValueError`` naming the file, and the line for labels): an image file PIL cannot identify, a
-    label line without exactly 5 fields, a class outside ``0..K-1``, ``cx cy w h`` outside [0, 1] or NaN.
+    Errors (``ValueError`` naming the file, and the line for labels): a data yaml that is not YAML or whose
+    ``names`` is not a list or an ``{index: name}`` dict, an image file PIL cannot identify, a label file that is
+    not UTF-8 text, a label line without exactly 5 fields, a class outside ``0..K-1``, ``cx cy w h`` outside
+    [0, 1] or NaN.
     Boxes reaching past the image border are clipped (counted), boxes <= 1 px dropped (counted).
 
     Stats: ``missing_label_files``, ``empty_images``, ``boxes_clipped``, ``degenerate_boxes_dropped``,

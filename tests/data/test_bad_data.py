@@ -114,12 +114,38 @@ def test_empty_split_is_an_error(coco_files):
         (lambda d: d["annotations"][4].update(bbox=[1, float("nan"), 2, 2]), r"image_id 5: annotation 5 .* NaN"),
         (lambda d: d["annotations"][4].update(bbox=[1, 1, float("inf"), 2]), r"annotation 5 .* NaN or infinite"),
         (lambda d: d["images"][2].update(width=0), r"image_id 5: image size 0x10 \(WxH\) is not positive"),
+        (lambda d: d["images"][2].update(width=float("inf")), r"image_id 5: image size infx10 .* and finite"),
+        (lambda d: d["images"][0].update(file_name=None), r"images\[0\] \(id 7\) has file_name None; expected a path"),
+        (lambda d: d["images"][1].update(file_name=3), r"images\[1\] \(id 3\) has file_name 3; expected a path"),
+        (lambda d: d["categories"][0].update(id=[90]), r"categories\[0\] needs a numeric id and a string name"),
+        (lambda d: d["categories"][1].update(name=None), r"categories\[1\] needs a numeric id and a string name"),
+        (lambda d: d["annotations"][2].pop("id") and None, r"annotations\[2\] \(id None\) lacks \['id'\]"),
+        (lambda d: d["annotations"][2].update(image_id=[7]), r"annotations\[2\] has a non-numeric id, image_id or"),
+        (lambda d: d["annotations"][2].update(category_id="5"), r"annotations\[2\] has a non-numeric id, image_id or"),
+        (lambda d: d["annotations"][1].update(bbox="0 0 20 20"), r"annotations\[1\] \(id 2\) has bbox '0 0 20 20'"),
+        (lambda d: d["annotations"][0].update(area="big"), r"annotations\[0\] \(id 1\) has area 'big'; expected a"),
+        (lambda d: d["annotations"][0].update(iscrowd="no"), r"annotations\[0\] \(id 1\) has iscrowd 'no'; expected"),
     ],
 )
 def test_bad_coco_annotations_name_the_file_and_entry(coco_files, change, message):
     images, annotations = coco_files
     rewrite(annotations, change)
     with pytest.raises(ValueError, match=r"COCO annotation file .*instances\.json.*" + message):
+        read_coco(images, annotations)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"images": [], "annotations": [', r"is not valid JSON: Expecting value"),  # truncated
+        ("", r"is not valid JSON"),
+        (b'{"images": "\xff"}', r"is not valid JSON: 'utf-8' codec can't decode"),
+    ],
+)
+def test_coco_file_that_is_not_json_is_named(coco_files, text, message):
+    images, annotations = coco_files
+    annotations.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=r"COCO annotation file .*instances\.json " + message):
         read_coco(images, annotations)
 
 
@@ -174,6 +200,51 @@ def test_bad_yolo_label_lines_name_the_file_and_line(yolo_files, line, message):
         read_yolo(images, labels, names)
 
 
+def test_yolo_label_file_that_is_not_utf8_is_named(yolo_files):
+    images, labels, names = yolo_files
+    (labels / "a.txt").write_bytes(b"0 0.5 0.5 0.2 0.4\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"YOLO label file .*a\.txt is not UTF-8 text"):
+        read_yolo(images, labels, names)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, r"YOLO data yaml .*data\.yaml does not exist"),
+        ("names: [cat, dog\n  : : x\n", r"YOLO data yaml .*data\.yaml is not valid YAML"),
+        (b"names: [\xff]\n", r"YOLO data yaml .*data\.yaml is not valid YAML"),
+        ("nc: 2\n", r"YOLO data yaml .*data\.yaml has no 'names' key"),
+        ("- cat\n- dog\n", r"YOLO data yaml .*data\.yaml has no 'names' key"),
+        ("names:\n", r"YOLO class names in .*data\.yaml must be a list or an \{index: name\} dict, got None"),
+        ("names: cat\n", r"YOLO class names in .*data\.yaml must be a list .* got 'cat'"),
+        ("names: {cat: 0, dog: 1}\n", r"YOLO class names in .*data\.yaml must be indexed 0\.\.1 without gaps"),
+        ("names: {0: cat, 2: dog}\n", r"YOLO class names in .*data\.yaml must be indexed 0\.\.1 without gaps"),
+        ("names: []\n", r"YOLO class names in .*data\.yaml are empty"),
+    ],
+)
+def test_bad_yolo_data_yaml_names_the_file(yolo_files, content, message):
+    images, labels, names = yolo_files
+    if content is None:
+        names.unlink()
+    else:
+        names.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        read_yolo(images, labels, names)
+
+
+@pytest.mark.parametrize(
+    "category_ids,message",
+    [
+        ({0: 3}, r"category_ids has no entry for the class indices \[1\] \(of 0\.\.1\)"),
+        (["a", "b"], r"category_ids must be integers, got \['a', 'b'\]"),
+    ],
+)
+def test_bad_yolo_category_ids_are_named(yolo_files, category_ids, message):
+    images, labels, names = yolo_files
+    with pytest.raises(ValueError, match=message):
+        read_yolo(images, labels, names, category_ids=category_ids)
+
+
 def test_yolo_boxes_past_the_border_are_clipped_and_counted(yolo_files):
     images, labels, names = yolo_files
     (labels / "a.txt").write_text("0 0.95 0.5 0.2 0.4\n")  # x from 85 to 105 in a 100 px wide image
@@ -218,9 +289,9 @@ def voc_xml(objects="", size="<width>50</width><height>40</height>"):
     return f"<annotation><size>{size}<depth>3</depth></size>{objects}</annotation>"
 
 
-def voc_obj(x1="1", y1="2", x2="10", y2="20", name="dog"):
+def voc_obj(x1="1", y1="2", x2="10", y2="20", name="dog", difficult="0"):
     box = f"<xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax>"
-    return f"<object><name>{name}</name><bndbox>{box}</bndbox></object>"
+    return f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>{box}</bndbox></object>"
 
 
 @pytest.mark.parametrize(
@@ -234,11 +305,34 @@ def voc_obj(x1="1", y1="2", x2="10", y2="20", name="dog"):
         (voc_xml(size="<width>0</width><height>40</height>"), r"image size 0x40 \(WxH\) is not positive"),
         (voc_xml(size="<width>fifty</width><height>40</height>"), r"<size><width> is 'fifty', not a number"),
         ("<annotation><size>", r"is not valid XML"),
+        ("this is not XML", r"is not valid XML"),
+        (voc_xml(voc_obj(difficult="yes")), r"object 0 \(dog\) <object><difficult> is 'yes', not a number"),
+        (voc_xml(voc_obj() + voc_obj(name="cat", difficult="true")), r"object 1 \(cat\) <object><difficult> is 'true'"),
+        (voc_xml(voc_obj() + voc_obj(name="cat", y1="2.5.1")), r"object 1 \(cat\) <bndbox><ymin> is '2\.5\.1'"),
+        (voc_xml(voc_obj(x1="nan")), r"object 0 \(dog\) \[nan, 1\.0, 10\.0, 20\.0\] \(xyxy\) has a NaN or infinite"),
+        (voc_xml(voc_obj(y2="inf")), r"object 0 \(dog\) \[0\.0, 1\.0, 10\.0, inf\] \(xyxy\) has a NaN or infinite"),
+        (voc_xml(voc_obj(x2="-inf")), r"object 0 \(dog\) .* has a NaN or infinite coordinate"),
+        (voc_xml(size="<width>nan</width><height>40</height>"), r"image size nanx40\.0 \(WxH\) is not finite"),
+        (voc_xml(size="<width>50</width><height>inf</height>"), r"image size 50\.0xinf \(WxH\) is not finite"),
     ],
 )
 def test_bad_voc_xml_names_the_file(tmp_path, xml, message):
     write_voc(tmp_path, "000001", xml)
     with pytest.raises(ValueError, match=r"VOC annotation .*000001\.xml.*" + message):
+        read_voc(tmp_path)
+
+
+def test_voc_difficult_flag_is_read_as_a_number(tmp_path):
+    flags = ["1", " 0 ", "1.0", "", " "]  # an empty flag, like a missing one, is not difficult
+    write_voc(tmp_path, "000001", voc_xml("".join(voc_obj(difficult=f) for f in flags)))
+    records, _, stats = read_voc(tmp_path)
+    assert records[0].ignore.tolist() == [True, False, True, False, False] and stats["difficult_boxes"] == 2
+
+
+def test_voc_image_list_that_is_not_utf8_is_named(tmp_path):
+    write_voc(tmp_path, "000001", voc_xml())
+    (tmp_path / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").write_bytes(b"\xff\xfe000001\n")
+    with pytest.raises(ValueError, match=r"VOC image list .*trainval\.txt is not UTF-8 text"):
         read_voc(tmp_path)
 
 
@@ -257,6 +351,21 @@ def test_check_data_reports_both_splits_of_a_good_dataset(tmp_path):
     reports = check_data(cfg)
     assert [r.name for r in reports] == ["dataset.train", "dataset.val"]
     assert [r.images for r in reports] == [4, 2] and all(r.ok and r.depth == "decode" for r in reports)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("check_images=yes", r"config key check_images='yes': must be false, 'header' or 'decode'"),
+        ("rpn.gamma=inf", r"config key rpn\.gamma=inf: must be a finite number >= 0"),
+    ],
+)
+def test_check_data_validates_the_config_before_reading_any_data(tmp_path, override, message):
+    cache = tmp_path / "cache"
+    cfg = compose_config([f"cache_dir={cache}", override])
+    with pytest.raises(ValueError, match=message):
+        check_data(cfg)
+    assert not cache.exists()  # the synthetic set was not generated
 
 
 def test_check_data_command_exits_1_and_names_every_problem(coco_files, tmp_path):

@@ -2,7 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
 
+from fl_rpn.config import compose_config
 from fl_rpn.data import SHAPES, ensure_synthetic, make_synthetic_coco, read_coco
 from fl_rpn.data import synthetic as synthetic_module
 
@@ -48,6 +51,63 @@ def test_counts_sizes_and_format(tmp_path):
     records, meta, stats = read_coco(images, annotations)
     assert meta.class_names == SHAPES and len(records) == 40
     assert stats["degenerate_boxes_dropped"] == 0 and stats["empty_images"] == int((per_image == 0).sum())
+
+
+def default_split(cache_dir, num_images):
+    """The training split of the shipped ``dataset=synthetic`` config, with ``num_images`` images."""
+    cfg = compose_config([f"cache_dir={cache_dir}", f"dataset.train.num_images={num_images}"])
+    node = OmegaConf.to_container(cfg.dataset.train, resolve=True)
+    assert node.pop("format") == "synthetic"
+    return node, *ensure_synthetic(**node)
+
+
+def test_the_default_config_has_the_promised_properties(tmp_path):
+    """Five shape classes, 0..20 objects per image with some empty images, sides from ~8 px to half the shorter
+    image side, textured and cluttered backgrounds, the same bytes from the same seed."""
+    node, images, annotations = default_split(tmp_path / "a", 60)
+    data = json.loads(annotations.read_text())
+    h, w = node["image_size"]
+    assert {c["id"] for c in data["categories"]} == {1, 2, 3, 4, 5}
+    assert {a["category_id"] for a in data["annotations"]} == {1, 2, 3, 4, 5}
+
+    per_image = np.bincount([a["image_id"] - 1 for a in data["annotations"]], minlength=60)
+    assert len(per_image) == 60 and per_image.max() <= 20  # max_objects defaults to 20
+    assert 2 <= (per_image == 0).sum() <= 15  # empty_fraction defaults to 0.1
+    assert per_image.max() >= 18 and len(set(per_image.tolist())) >= 15  # the whole range is used
+
+    x, y, bw, bh = np.array([a["bbox"] for a in data["annotations"]]).T
+    assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
+    side = np.sqrt(bw * bh)
+    half = min(h, w) / 2
+    assert min(bw.min(), bh.min()) >= 6 and max(bw.max(), bh.max()) <= half * np.exp(0.2) + 1
+    assert side.min() < 10 and side.max() > 0.8 * half  # from ~8 px to half the shorter side
+
+    for i in np.flatnonzero(per_image == 0):  # no object: what is left is the background
+        pixels = np.asarray(Image.open(images / f"{i:06d}.png"), dtype=np.float32)
+        assert pixels.shape == (h, w, 3)
+        # means over 8x8 blocks average the pixel noise (std ~8) away: what varies is gradient, texture, clutter
+        blocks = pixels.reshape(h // 8, 8, w // 8, 8, 3).mean(axis=(1, 3))
+        assert (blocks.std(axis=(0, 1)) > 5).all(), f"image {i}: flat background"
+
+    _, images3, annotations3 = default_split(tmp_path / "b", 3)  # generated again, from the same seed
+    assert images3.parent != images.parent
+    for i in range(3):
+        assert (images3 / f"{i:06d}.png").read_bytes() == (images / f"{i:06d}.png").read_bytes()
+    first3 = [a for a in data["annotations"] if a["image_id"] <= 3]
+    assert json.loads(annotations3.read_text())["annotations"] == first3
+
+
+def test_empty_fraction_decides_the_empty_images(tmp_path):
+    """An image is empty only when drawn so: a crowded one still gets at least one object."""
+    crowded = {**SMALL, "max_objects": 40, "min_object_size": 24}
+    _, annotations = make_synthetic_coco(tmp_path / "none", 20, seed=0, empty_fraction=0.0, **crowded)
+    data = json.loads(annotations.read_text())
+    per_image = np.bincount([a["image_id"] - 1 for a in data["annotations"]], minlength=20)
+    assert per_image.min() >= 1 and per_image.max() < 40  # placement gave up on some, never on all
+
+    _, annotations = make_synthetic_coco(tmp_path / "all", 5, seed=0, empty_fraction=1.0, **SMALL)
+    data = json.loads(annotations.read_text())
+    assert len(data["images"]) == 5 and data["annotations"] == []
 
 
 def test_objects_overlap_little(tmp_path):
