@@ -1,37 +1,75 @@
-"""``fl-rpn-report <multirun dir> [...]``: a sweep's runs -> a markdown table, a CSV and PNG plots.
+"""``fl-rpn-report <multirun dir> [...]``: a sweep's runs -> report.md, runs.csv, summary.csv and PNG plots.
 
 Runs are the folders holding ``.hydra/overrides.yaml``. The keys whose values differ between runs are
 the swept keys; ``seed`` separates repetitions, every other swept key defines an arm. Per arm: mean ±
 standard deviation and n over seeds; per non-baseline arm: the paired difference to the baseline arm
-(same seed, same values of the other swept keys) with a 95 % Student-t interval across seeds. Runs
-without ``metrics.json`` are listed as failed or unfinished, never dropped silently.
+(same seed, same values of the other swept keys) with a 95 % Student-t interval across seeds. The
+imbalance diagnostics (``rpn/...`` in ``history.json``) are averaged over each run's logged steps first.
+
+Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
+jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started. Two finished
+runs of the same arm and seed are an error (they would count as two seeds and pair arbitrarily).
 """
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import statistics
-from collections import defaultdict
+import sys
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
 DEFAULT_METRICS = (
     "bbox/AP", "bbox/AP50", "voc07/mAP", "proposal/AR@100", "proposal/AR@300", "proposal/AR@1000",
-    "train/rpn/positive_anchors_per_image", "train/rpn/negative_anchors_per_image",
-    "train/rpn/trained_anchors_per_image", "train/rpn/easy_negative_loss_share",
 )  # fmt: skip
+# the imbalance diagnostics each run logs (fl_rpn/diagnostics.py); the focal normaliser only for FL-RPN
+DIAGNOSTICS = (
+    "rpn/positive_anchors_per_image", "rpn/negative_anchors_per_image", "rpn/trained_anchors_per_image",
+    "rpn/focal_normalizer", "rpn/easy_negative_loss_share",
+)  # fmt: skip
+EASY_SHARE = "rpn/easy_negative_loss_share"
 RECALL_KEYS = ("proposal/AR@100", "proposal/AR@300", "proposal/AR@1000")
-# two-sided 95 % Student-t quantiles by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def t_central_probability(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer ``df``, exactly (Abramowitz & Stegun 26.7.3 and 26.7.4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2 = math.cos(theta) ** 2
+    total, term = 0.0, 1.0
+    for k in range(df // 2 if df % 2 == 0 else (df - 1) // 2):
+        total += term
+        term *= (2 * k + 1) / (2 * k + 2) * c2 if df % 2 == 0 else (2 * k + 2) / (2 * k + 3) * c2
+        if term < 1e-17 * total:
+            break
+    if df % 2 == 0:
+        return math.sin(theta) * total
+    return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+
+
+@lru_cache
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """The two-sided ``level`` quantile of Student's t: P(|T| <= q) = level, by bisection on the exact CDF."""
+    if df < 1 or int(df) != df:
+        raise ValueError(f"degrees of freedom must be a positive integer, got {df}")
+    lo, hi = 0.0, 1.0
+    while t_central_probability(hi, df) < level:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_central_probability(mid, df) < level else (lo, mid)
+        if hi - lo < 1e-12:
+            break
+    return (lo + hi) / 2
 
 
 def t95(df: int) -> float:
-    known = [d for d in T95 if d <= df]
-    return T95[max(known)] if df <= 30 else 1.96
+    return t_quantile(df, 0.95)
 
 
 @dataclass
@@ -52,6 +90,7 @@ def parse_overrides(lines: list[str]) -> dict[str, str]:
 
 
 def load_runs(roots: list[Path]) -> list[Run]:
+    """The run folders under ``roots``, finished or not (jobs that never started: :func:`not_started`)."""
     runs = []
     for root in roots:
         if not root.is_dir():
@@ -72,6 +111,62 @@ def load_runs(roots: list[Path]) -> list[Run]:
     return runs
 
 
+def expected_jobs(sweep_dir: Path) -> list[dict[str, str]]:
+    """The jobs a Hydra sweep asked for, in job-number order, from its ``multirun.yaml``.
+
+    As Hydra's basic sweeper expands them: the cartesian product of ``hydra.sweeper.params`` (where an
+    experiment config declares its sweep) and the command line's overrides (``hydra.overrides.task``);
+    a command-line override replaces a param of the same key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra = (yaml.safe_load((sweep_dir / "multirun.yaml").read_text()) or {}).get("hydra") or {}
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        raise ValueError(f"its sweeper is {sweeper.get('_target_')}, not Hydra's basic sweeper")
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    choices: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(params + list((hydra.get("overrides") or {}).get("task") or [])):
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices[key] = [f"{key}={v}" for v in values]
+    return [parse_overrides(list(job)) for job in itertools.product(*choices.values())]
+
+
+def not_started(roots: list[Path], runs: list[Run]) -> tuple[list[Run], list[str], bool]:
+    """The expected jobs without a run folder (as runs with status ``not started``), notes on the expected
+    jobs, and whether the expected set is known for every folder given.
+
+    A job counts as started when a run folder under its sweep folder has its values of the keys that vary
+    across the sweep's jobs (so a job rerun by hand with extra overrides such as ``resume=true`` counts).
+    """
+    missing, notes, known = [], [], True
+    for root in roots:
+        sweep_dirs = sorted(p.parent for p in root.rglob("multirun.yaml"))
+        if not sweep_dirs:
+            known = False
+            notes.append(f"No multirun.yaml in {root.name}, so the expected set of jobs is unknown "
+                         "(jobs that never started cannot be listed).")  # fmt: skip
+        for sweep_dir in sweep_dirs:
+            where = root.name if sweep_dir == root else str(sweep_dir.relative_to(root))
+            try:
+                jobs = expected_jobs(sweep_dir)
+            except Exception as err:  # an unreadable or unusual sweep must not hide the finished runs
+                notes.append(f"{where}: the expected set of jobs is unknown (multirun.yaml: {err}).")
+                known = False
+                continue
+            varying = [k for k in jobs[0] if len({job.get(k) for job in jobs}) > 1] if jobs else []
+            inside = [r for r in runs if r.path.is_relative_to(sweep_dir)]
+            absent = []
+            for num, job in enumerate(jobs):
+                if not any(all(r.overrides.get(k) == job[k] for k in varying) for r in inside):
+                    status = f"not started (job {num} has no run folder)"
+                    absent.append(Run(sweep_dir / str(num), job, None, [], status))
+            notes.append(f"{where}: {len(jobs)} jobs expected (multirun.yaml), {len(absent)} not started.")
+            missing += absent
+    return missing, notes, known
+
+
 def swept_keys(runs: list[Run]) -> list[str]:
     keys = sorted({k for r in runs for k in r.overrides})
     return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1 and not k.startswith("hydra.")]
@@ -81,83 +176,166 @@ def arm_of(run: Run, arm_keys: list[str]) -> str:
     return ",".join(f"{k}={run.overrides.get(k, '-')}" for k in arm_keys) or "all"
 
 
+def run_values(run: Run, metrics: list[str]) -> dict[str, float]:
+    """A finished run's numbers: its finite ``metrics`` and each diagnostic averaged over its logged steps."""
+    values = {m: float(run.metrics[m]) for m in metrics if _finite(run.metrics.get(m))}
+    for key in DIAGNOSTICS:
+        steps = [h[key] for h in run.history if _finite(h.get(key))]
+        if steps:
+            values[key] = statistics.fmean(steps)
+    return values
+
+
+def mean_sd_n(values: list[float]) -> tuple[float, float, int]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float, int]:
+    """Mean of paired differences with its 95 % Student-t interval: (mean, low, high, n)."""
+    mean, sd, n = mean_sd_n(diffs)
+    half = t95(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    return mean, mean - half, mean + half, n
+
+
 def summarize_runs(runs: list[Run], metrics: list[str], baseline: str) -> dict:
-    """Per-arm statistics and paired differences; ``baseline`` is ``key=value`` (e.g. ``rpn=sampled``)."""
+    """Per-arm statistics and paired differences; ``baseline`` is ``key=value`` (e.g. ``rpn=sampled``).
+
+    Statistics cover ``metrics`` and :data:`DIAGNOSTICS`. Raises ``ValueError`` when two finished runs share
+    an arm and a seed.
+    """
     keys = swept_keys(runs)
     arm_keys = [k for k in keys if k != "seed"]
     finished = [r for r in runs if r.metrics is not None]
-    arms: dict[str, list[Run]] = defaultdict(list)
+    by_pair = defaultdict(list)
+    for r in finished:
+        by_pair[(arm_of(r, arm_keys), r.overrides.get("seed"))].append(r)
+    repeated = [f"{arm}, seed={seed}: {', '.join(str(r.path) for r in rs)}" for (arm, seed), rs in by_pair.items()
+                if len(rs) > 1]  # fmt: skip
+    if repeated:
+        raise ValueError("more than one finished run of the same arm and seed; they would count as separate seeds "
+                         "and pair arbitrarily. Leave all but one of each out of the folders given:\n"
+                         + "\n".join(repeated))  # fmt: skip
+    values = {r.path: run_values(r, metrics) for r in finished}
+    names = [*metrics, *DIAGNOSTICS]
+    arms: dict[str, list[Run]] = {arm: [] for arm in sorted({arm_of(r, arm_keys) for r in runs})}
     for r in finished:
         arms[arm_of(r, arm_keys)].append(r)
     table = {}
-    for arm, members in sorted(arms.items()):
+    for arm, members in arms.items():
         row = {}
-        for m in metrics:
-            values = [float(r.metrics[m]) for r in members if _finite(r.metrics.get(m))]
-            if values:
-                sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-                row[m] = (statistics.fmean(values), sd, len(values))
+        for m in names:
+            xs = [values[r.path][m] for r in members if m in values[r.path]]
+            if xs:
+                row[m] = mean_sd_n(xs)
         table[arm] = row
+
     base_key, _, base_value = baseline.partition("=")
-    diffs = {}
-    if base_key in arm_keys:
+    diffs, notes = {}, []
+    if base_key not in arm_keys:
+        notes.append(f"The baseline {baseline} is not an arm ({base_key} is not a swept key): no paired differences.")
+    elif not any(r.overrides.get(base_key) == base_value for r in finished):
+        notes.append(f"The baseline {baseline} has no finished runs: no paired differences.")
+    else:
         other_keys = [k for k in arm_keys if k != base_key]
         base_runs = {
             (tuple(r.overrides.get(k) for k in other_keys), r.overrides.get("seed")): r
             for r in finished
             if r.overrides.get(base_key) == base_value
         }
-        for arm, members in sorted(arms.items()):
-            if members[0].overrides.get(base_key) == base_value:
+        for arm, members in arms.items():
+            if not members or members[0].overrides.get(base_key) == base_value:
                 continue
             row = {}
-            for m in metrics:
+            for m in names:
                 pairs = []
                 for r in members:
                     b = base_runs.get((tuple(r.overrides.get(k) for k in other_keys), r.overrides.get("seed")))
-                    if b is not None and _finite(r.metrics.get(m)) and _finite(b.metrics.get(m)):
-                        pairs.append(float(r.metrics[m]) - float(b.metrics[m]))
+                    if b is not None and m in values[r.path] and m in values[b.path]:
+                        pairs.append(values[r.path][m] - values[b.path][m])
                 if pairs:
-                    mean = statistics.fmean(pairs)
-                    half = (
-                        t95(len(pairs) - 1) * statistics.stdev(pairs) / math.sqrt(len(pairs))
-                        if len(pairs) > 1
-                        else float("nan")
-                    )
-                    row[m] = (mean, mean - half, mean + half, len(pairs))
+                    row[m] = paired_interval(pairs)
             diffs[arm] = row
-    return {"swept": keys, "arm_keys": arm_keys, "arms": arms, "table": table, "diffs": diffs}
+    return {"swept": keys, "arm_keys": arm_keys, "arms": arms, "table": table, "diffs": diffs, "notes": notes,
+            "values": values, "baseline": baseline}  # fmt: skip
 
 
 def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _fmt(x: float, pct: bool) -> str:
-    return "nan" if not math.isfinite(x) else (f"{100 * x:.2f}" if pct else f"{x:.3g}")
+    if not math.isfinite(x):
+        return "nan"
+    if pct:
+        return f"{100 * x:.2f}"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
+def _signed(x: float) -> str:
+    """A difference in percentage points: ``+1.23``."""
+    return f"{100 * x:+.2f}" if math.isfinite(x) else "nan"
 
 
 def _is_fraction(metric: str) -> bool:
     return metric.startswith(("bbox/", "proposal/", "voc07/")) or metric.endswith("share")
 
 
-def markdown(summary: dict, runs: list[Run], metrics: list[str], baseline: str) -> str:
+def _counted(values: list) -> str:
+    """``"a"`` when all equal, else ``"a (4 runs), b (2 runs)"``."""
+    counts = Counter(values)
+    if len(counts) == 1:
+        return str(values[0])
+    return ", ".join(f"{v} ({n} runs)" for v, n in counts.most_common())
+
+
+def provenance_lines(runs: list[Run]) -> list[str]:
+    prov = [(r.metrics or {}).get("provenance") or {} for r in runs if r.metrics is not None]
+    if not prov:
+        return ["Provenance: no finished runs."]
+    get = {k: [p.get(k, "unknown") for p in prov] for k in ("commit", "hardware", "world_size", "dataset", "schedule")}
+    lines = [f"Provenance of the {len(prov)} finished runs: commit {_counted(get['commit'])}; hardware "
+             f"{_counted(get['hardware'])}; world size {_counted(get['world_size'])}; dataset "
+             f"{_counted(get['dataset'])}; schedule {_counted(get['schedule'])}."]  # fmt: skip
+    if len(set(get["commit"])) > 1:
+        lines.append(f"**Warning: the runs come from {len(set(get['commit']))} different commits**; differences "
+                     "between arms may be differences between code versions.")  # fmt: skip
+    return lines
+
+
+def _row_cells(row: dict, names: list[str]) -> list[str]:
+    cells = []
+    for m in names:
+        if m in row:
+            mean, sd, n = row[m]
+            cells.append(f"{_fmt(mean, _is_fraction(m))} ± {_fmt(sd, _is_fraction(m))} ({n})")
+        else:
+            cells.append("-")
+    return cells
+
+
+def markdown(
+    summary: dict, runs: list[Run], metrics: list[str], baseline: str, notes: list[str] = (), plots: list[str] = ()
+) -> str:
+    """The report; ``notes`` on the expected jobs go to the runs section, ``plots`` (file names) get captions."""
+    table = summary["table"]
     lines = [f"Swept keys: {', '.join(summary['swept']) or '(none)'}; arms by {', '.join(summary['arm_keys']) or '-'}.",
-             "AP / AR / shares in percent; mean ± sd (n) over seeds.", ""]  # fmt: skip
-    shown = [m for m in metrics if any(m in row for row in summary["table"].values())]
+             "", *provenance_lines(runs), "", "## Metrics", "",
+             "AP / AR / shares in percent; mean ± sd (n) over seeds, sd the sample standard deviation across seeds.",
+             ""]  # fmt: skip
+    shown = [m for m in metrics if any(m in row for row in table.values())]
     lines.append("| arm | " + " | ".join(shown) + " |")
     lines.append("|---|" + "---|" * len(shown))
-    for arm, row in summary["table"].items():
-        cells = []
-        for m in shown:
-            if m in row:
-                mean, sd, n = row[m]
-                cells.append(f"{_fmt(mean, _is_fraction(m))} ± {_fmt(sd, _is_fraction(m))} ({n})")
-            else:
-                cells.append("-")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    for arm, row in table.items():
+        lines.append(f"| {arm} | " + " | ".join(_row_cells(row, shown)) + " |")
+    if "metrics.png" in plots:
+        lines += ["", "metrics.png: bars are the means over seeds, error bars ± 1 sd (a spread, not an interval)."]
+    if "proposal_recall.png" in plots:
+        lines += ["", "proposal_recall.png: AR@100 / 300 / 1000 per arm, mean ± 1 sd over seeds."]
+
+    lines += ["", f"## Paired differences vs {baseline}", ""]
+    lines += summary["notes"]
     if summary["diffs"]:
-        lines += ["", f"Paired difference vs {baseline} (same seed), mean [95 % t-interval] (pairs):", ""]
+        lines += ["Same seed (and same other swept values), mean [95 % Student-t interval] (pairs), in percent:", ""]
         diff_metrics = [m for m in shown if m.startswith(("bbox/", "proposal/", "voc07/"))]
         lines.append("| arm | " + " | ".join(f"Δ {m}" for m in diff_metrics) + " |")
         lines.append("|---|" + "---|" * len(diff_metrics))
@@ -166,30 +344,78 @@ def markdown(summary: dict, runs: list[Run], metrics: list[str], baseline: str) 
             for m in diff_metrics:
                 if m in row:
                     mean, lo, hi, n = row[m]
-                    cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] ({n})")
+                    cells.append(f"{_signed(mean)} [{_signed(lo)}, {_signed(hi)}] ({n})")
                 else:
                     cells.append("-")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    failed = [r for r in runs if r.metrics is None]
-    lines += ["", f"Runs: {len(runs)}, finished: {len(runs) - len(failed)}, failed or unfinished: {len(failed)}."]
-    for r in failed:
-        lines.append(f"- {r.path.name} ({' '.join(f'{k}={v}' for k, v in r.overrides.items())}): {r.status}")
+        if "differences.png" in plots:
+            lines += ["", "differences.png: the same differences, points at the mean, bars the 95 % interval "
+                      "(t-quantile for pairs − 1 degrees of freedom; none for a single pair)."]  # fmt: skip
+
+    diagnostics = [k for k in DIAGNOSTICS if any(k in row for row in table.values())]
+    if diagnostics:
+        lines += ["", "## Imbalance diagnostics", "",
+                  "Per run the mean over its logged training steps (history.json), then mean ± sd (n) over seeds; "
+                  "the share in percent.", ""]  # fmt: skip
+        lines.append("| arm | " + " | ".join(diagnostics) + " |")
+        lines.append("|---|" + "---|" * len(diagnostics))
+        for arm, row in table.items():
+            lines.append(f"| {arm} | " + " | ".join(_row_cells(row, diagnostics)) + " |")
+        if "imbalance.png" in plots:
+            lines += ["", "imbalance.png: easy-negative share of the objectness loss vs iteration, mean over seeds."]
+
+    incomplete = [r for r in runs if r.metrics is None]
+    started = [r for r in incomplete if not r.status.startswith("not started")]
+    never = len(incomplete) - len(started)
+    if not summary.get("expected_known", True):
+        never = f"at least {never}" if never else "unknown"
+    lines += ["", "## Runs", "", *notes,
+              f"Runs: {len(runs)}, finished: {len(runs) - len(incomplete)}, failed or unfinished: {len(started)}, "
+              f"not started: {never}.", ""]  # fmt: skip
+    for r in incomplete:
+        described = " ".join(f"{k}={r.overrides.get(k, '-')}" for k in summary["swept"] or list(r.overrides))
+        lines.append(f"- {r.path.name} ({described}): {r.status}")
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, runs: list[Run], metrics: list[str]) -> None:
+def write_csv(path: Path, runs: list[Run], metrics: list[str], values: dict | None = None) -> None:
+    """One row per run: overrides, ``metrics``, the diagnostics' means over logged steps, provenance."""
     keys = sorted({k for r in runs for k in r.overrides})
+    values = values or {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "status", *keys, *metrics])
+        w.writerow(["run", "status", *keys, *metrics, *(f"mean {k}" for k in DIAGNOSTICS),
+                    "commit", "hardware", "world_size"])  # fmt: skip
         for r in runs:
-            values = [r.metrics.get(m, "") if r.metrics else "" for m in metrics]
-            w.writerow([r.path.name, r.status, *(r.overrides.get(k, "") for k in keys), *values])
+            got = values.get(r.path, {})
+            prov = (r.metrics or {}).get("provenance") or {}
+            w.writerow([r.path.name, r.status, *(r.overrides.get(k, "") for k in keys),
+                        *(r.metrics.get(m, "") if r.metrics else "" for m in metrics),
+                        *(got.get(k, "") for k in DIAGNOSTICS),
+                        *(prov.get(k, "") for k in ("commit", "hardware", "world_size"))])  # fmt: skip
+
+
+def write_summary_csv(path: Path, summary: dict) -> None:
+    """One row per arm and quantity: n, mean, sd, and the paired difference to the baseline (mean, 95 % interval)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "metric", "n", "mean", "sd", "diff_n", "diff_mean", "diff_low", "diff_high"])
+        for arm, row in summary["table"].items():
+            for m, (mean, sd, n) in row.items():
+                diff = summary["diffs"].get(arm, {}).get(m)
+                w.writerow([arm, m, n, mean, sd, *((diff[3], *diff[:3]) if diff else ("", "", "", ""))])
 
 
 def tick_label(arm: str) -> str:
     """An arm's override values, for a crowded axis: ``"rpn=focal_sigmoid,rpn.gamma=1"`` -> ``"focal_sigmoid 1"``."""
     return " ".join(part.split("=", 1)[-1] for part in arm.split(","))
+
+
+def mean_curve(members: list[Run], key: str) -> tuple[list[int], list[float]]:
+    """``key`` vs iteration, averaged over the runs at the iterations all of them logged."""
+    curves = [{h["iteration"]: h[key] for h in r.history if _finite(h.get(key))} for r in members]
+    iterations = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return iterations, [statistics.fmean(c[i] for c in curves) for i in iterations]
 
 
 def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
@@ -198,36 +424,65 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    arms = list(summary["table"])
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        written.append(out_dir / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    written: list[Path] = []
+    arms = [a for a, row in summary["table"].items() if row]
     bar_metrics = [m for m in metrics if _is_fraction(m) and any(m in summary["table"][a] for a in arms)]
     if bar_metrics and arms:
-        fig, axes = plt.subplots(1, len(bar_metrics), figsize=(3.2 * len(bar_metrics), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(bar_metrics), figsize=(3.2 * len(bar_metrics), 3.8), squeeze=False)
         for ax, m in zip(axes[0], bar_metrics):
             means = [100 * summary["table"][a].get(m, (math.nan, 0, 0))[0] for a in arms]
             sds = [100 * summary["table"][a].get(m, (0, math.nan, 0))[1] for a in arms]
             ax.bar(range(len(arms)), means, yerr=[0 if math.isnan(s) else s for s in sds], capsize=4, color="C0")
             ax.set_xticks(range(len(arms)), [tick_label(a) for a in arms], rotation=45, ha="right", fontsize=7)
             ax.set_title(m, fontsize=9)
-        fig.tight_layout()
-        written.append(out_dir / "metrics.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        axes[0][0].set_ylabel("mean over seeds (%), error bar ± 1 sd")
+        save(fig, "metrics.png")
+
+    diff_arms = [a for a, row in summary["diffs"].items() if row]
+    diff_metrics = [m for m in bar_metrics if any(m in summary["diffs"][a] for a in diff_arms)]
+    if diff_metrics:
+        fig, axes = plt.subplots(1, len(diff_metrics), figsize=(3.2 * len(diff_metrics), 3.8), squeeze=False)
+        for ax, m in zip(axes[0], diff_metrics):
+            for i, a in enumerate(diff_arms):
+                mean, lo, hi, _ = summary["diffs"][a].get(m, (math.nan,) * 4)
+                err = [[0], [0]] if math.isnan(lo) else [[100 * (mean - lo)], [100 * (hi - mean)]]
+                ax.errorbar([i], [100 * mean], yerr=err, fmt="o", capsize=4, color="C0")
+            ax.axhline(0, color="gray", linewidth=0.8)
+            ax.set_xticks(range(len(diff_arms)), [tick_label(a) for a in diff_arms], rotation=45, ha="right",
+                          fontsize=7)  # fmt: skip
+            ax.set_xlim(-0.5, len(diff_arms) - 0.5)
+            ax.set_title(f"Δ {m}", fontsize=9)
+        axes[0][0].set_ylabel(f"paired Δ vs {summary['baseline']} (points),\nmean and 95 % t-interval")
+        save(fig, "differences.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, members in summary["arms"].items():
-        curves = [{h["iteration"]: h["loss"] for h in r.history if "loss" in h} for r in members]
-        iterations = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        iterations, mean = mean_curve(members, "loss")
         if iterations:
-            ax.plot(iterations, [statistics.fmean(c[i] for c in curves) for i in iterations], label=arm)
+            ax.plot(iterations, mean, label=arm)
     ax.set_xlabel("iteration")
     ax.set_ylabel("total training loss (mean over seeds)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out_dir / "loss_curves.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    save(fig, "loss_curves.png")
+
+    shares = {arm: mean_curve(members, EASY_SHARE) for arm, members in summary["arms"].items()}
+    if any(iterations for iterations, _ in shares.values()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, (iterations, mean) in shares.items():
+            if iterations:
+                ax.plot(iterations, [100 * x for x in mean], label=arm)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("easy-negative share of objectness loss (%)\n(p_t > 0.9; mean over seeds)")
+        ax.legend(fontsize=7)
+        save(fig, "imbalance.png")
 
     if any(k in summary["table"][a] for a in arms for k in RECALL_KEYS):
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -239,25 +494,26 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
                         capsize=3)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("proposals per image")
-        ax.set_ylabel("AR@IoU 0.5:0.95 (%)")
+        ax.set_ylabel("AR@IoU 0.5:0.95 (%), mean ± 1 sd over seeds")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out_dir / "proposal_recall.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "proposal_recall.png")
     return written
 
 
 def report(roots: list[Path], out_dir: Path | None = None, metrics=DEFAULT_METRICS, baseline="rpn=sampled") -> dict:
-    runs = load_runs(roots)
+    found = load_runs(roots)
+    missing, notes, known = not_started(roots, found)
+    runs = found + missing
     out_dir = out_dir or roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics)
     summary = summarize_runs(runs, metrics, baseline)
-    text = markdown(summary, runs, metrics, baseline)
+    summary["not_started"], summary["expected_known"] = missing, known
+    plots = [p.name for p in plot(summary, metrics, out_dir)]
+    text = markdown(summary, runs, metrics, baseline, notes, plots)
     (out_dir / "report.md").write_text(text)
-    write_csv(out_dir / "runs.csv", runs, metrics)
-    plot(summary, metrics, out_dir)
+    write_csv(out_dir / "runs.csv", runs, metrics, summary["values"])
+    write_summary_csv(out_dir / "summary.csv", summary)
     print(text)
     return summary
 
@@ -269,7 +525,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", default="rpn=sampled", help="the arm differences are taken against")
     parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
     args = parser.parse_args(argv)
-    report(args.dirs, args.out, args.metrics, args.baseline)
+    try:
+        report(args.dirs, args.out, args.metrics, args.baseline)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"fl-rpn-report: {err}")
 
 
 if __name__ == "__main__":
