@@ -1,19 +1,20 @@
 """``fl-rpn-predict``: draw a checkpoint's detections (and top-k RPN proposals) on images, save PNGs."""
 
+from collections import Counter
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from .config import CONF_DIR
+from .data.dataset import read_image
+from .data.yolo import IMAGE_SUFFIXES
 from .engine.checkpoint import model_from_checkpoint
 from .engine.evaluate import predict
 from .engine.trainer import select_device
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -31,6 +32,12 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def output_names(files: list[Path]) -> list[str]:
+    """``<stem>.png`` per input; inputs sharing a stem (``a/x.jpg``, ``b/x.jpg``) add their position: ``x-0.png``."""
+    counts = Counter(f.stem for f in files)
+    return [f"{f.stem}-{i}.png" if counts[f.stem] > 1 else f"{f.stem}.png" for i, f in enumerate(files)]
+
+
 def draw(
     image: torch.Tensor, output: dict, class_names: list[str], score_thresh: float, proposals_topk: int
 ) -> torch.Tensor:
@@ -38,6 +45,8 @@ def draw(
     if proposals_topk > 0 and len(output["proposals"]):
         image = draw_bounding_boxes(image, output["proposals"][:proposals_topk], colors="gray", width=1)
     keep = output["scores"] >= score_thresh
+    if not keep.any():  # draw_bounding_boxes warns on an empty box list
+        return image
     labels = [f"{class_names[int(c) - 1]} {s:.2f}" for c, s in zip(output["labels"][keep], output["scores"][keep])]
     return draw_bounding_boxes(image, output["boxes"][keep], labels=labels, colors="red", width=2)
 
@@ -50,10 +59,11 @@ def predict_images(cfg: DictConfig) -> list[Path]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for file in image_files(list(cfg.inputs)):
-        image = decode_image(str(file), mode=ImageReadMode.RGB)
+    files = image_files(list(cfg.inputs))
+    for file, name in zip(files, output_names(files)):
+        image = read_image(file)  # the datasets' reader: BMP and TIFF through PIL
         (output,) = predict(model, [image.to(device).float() / 255])
-        path = out_dir / f"{file.stem}.png"
+        path = out_dir / name
         write_png(draw(image, output, class_names, cfg.score_thresh, cfg.proposals_topk), str(path))
         written.append(path)
         print(f"{file} -> {path}: {int((output['scores'] >= cfg.score_thresh).sum())} detections")

@@ -4,9 +4,11 @@ Each test uses the tiny overrides of test_train_app (6 synthetic images of 96x12
 """
 
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,8 +17,10 @@ import pytest
 import torch
 
 from fl_rpn.config import compose_config
+from fl_rpn.data import build_dataset
 from fl_rpn.engine import trainer
 from fl_rpn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from fl_rpn.engine.stream import TrainStream
 from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.model import build_model
 from fl_rpn.validation import validate_config
@@ -83,6 +87,13 @@ def test_invalid_values_are_rejected_naming_the_key(override, key):
         validate_config(compose_config([override]))
 
 
+def test_amp_on_the_cpu_is_rejected_naming_the_key_before_reading_any_data(tmp_path, cache):
+    cfg = compose_config([*FAST, "device=cpu", "amp=bf16", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"config key amp=bf16: needs CUDA; this run is on cpu"):
+        train(cfg)
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
 def test_sampled_rpn_values_are_checked_too():
     with pytest.raises(ValueError, match=r"config key rpn\.positive_fraction=0"):
         validate_config(compose_config(["rpn=sampled", "rpn.positive_fraction=0"]))
@@ -108,8 +119,8 @@ def poison_rpn_losses(monkeypatch, at_calls):
     """The RPN's losses become NaN at the given (0-based) training forward passes."""
     calls = {"n": 0}
 
-    def build(cfg, num_classes):
-        model = build_model(cfg, num_classes)
+    def build(cfg, num_classes, **kwargs):
+        model = build_model(cfg, num_classes, **kwargs)
 
         def hook(module, args, output):
             boxes, losses = output
@@ -135,6 +146,14 @@ def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoin
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, cache, monkeypatch):
+    poison_rpn_losses(monkeypatch, at_calls={0})
+    cfg = compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path}"])
+    with pytest.raises(NonFiniteLossError, match=r"at iteration 0: .*; no checkpoint was written yet$"):
+        train(cfg)
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, monkeypatch):
     poison_rpn_losses(monkeypatch, at_calls={1})
     cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
@@ -142,6 +161,28 @@ def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, monkeypatch):
     assert metrics["train/skipped_steps"] == 1 and metrics["train/iterations"] == 3
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["iteration"] == 3 and finite_state(ckpt)
+
+
+def test_a_skipped_last_step_is_still_checkpointed(tmp_path, cache, monkeypatch):
+    poison_rpn_losses(monkeypatch, at_calls={2})
+    cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
+    metrics = train(cfg)  # checkpoint_every=1: iterations 1, 2 and the skipped 3 are each saved
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert metrics["train/iterations"] == ckpt["iteration"] == 3
+    assert metrics["train/skipped_steps"] == ckpt["skipped_steps"] == 1
+    assert [h["iteration"] for h in ckpt["history"]] == [1, 2]  # nothing to log for a skipped step
+
+
+def test_skipped_steps_are_counted_across_a_resume(tmp_path, cache, monkeypatch):
+    poison_rpn_losses(monkeypatch, at_calls={1})  # iteration 2
+    train(compose_config([*FAST, "nonfinite=skip", f"output_dir={tmp_path}"]))
+    assert load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == 1
+    poison_rpn_losses(monkeypatch, at_calls={1})  # the resumed run's second step: iteration 4
+    cfg = compose_config([*FAST, "schedule.max_iters=4", "nonfinite=skip", "resume=true", f"output_dir={tmp_path}"])
+    metrics = train(cfg)
+    assert metrics["train/skipped_steps"] == load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == 2
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [(h["iteration"], h["skipped_steps"]) for h in history] == [(1, 0), (3, 1)]
 
 
 def test_nonfinite_weights_are_never_written(tmp_path, cache, monkeypatch):
@@ -243,6 +284,82 @@ def test_sigterm_to_the_whole_job_checkpoints_and_exits_143(tmp_path, cache):
     assert not (run / "metrics.json").exists()
     logged = [h["iteration"] for h in json.loads((run / "history.json").read_text())]
     assert logged == list(range(1, reached + 1)) == [h["iteration"] for h in ckpt["history"]]  # log_every=1
+
+
+def test_the_stream_is_the_same_from_any_iteration_with_or_without_workers(cache):
+    """Across epoch boundaries (4 batches per epoch), with workers that live for the whole stream."""
+    dataset = build_dataset(compose_config([*FAST, "dataset.train.num_images=7"]).dataset.train, train=True)
+    stream = TrainStream(dataset, 2, 0, seed=3, group_aspect_ratio=True)
+    assert stream.batches_per_epoch == 4
+    batches = stream.from_iteration(0)
+    reference = [next(batches) for _ in range(10)]
+    with_workers = TrainStream(dataset, 2, 2, seed=3, group_aspect_ratio=True)
+    for start in (0, 3, 5):
+        batches = with_workers.from_iteration(start)
+        for (images, targets), (expected_images, expected_targets) in zip(batches, reference[start:]):
+            assert [t["image_id"] for t in targets] == [t["image_id"] for t in expected_targets], start
+            assert all(torch.equal(a, b) for a, b in zip(images, expected_images))  # the same flips
+
+
+# --- logging and resuming ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_submitit_only_rank_zero_writes_train_log(tmp_path, cache):
+    """submitit runs Hydra's job setup in every rank (not ``fl_rpn.train.main``): each opens the same train.log."""
+    run, port = tmp_path / "run", str(free_port())
+    code = "import sys; sys.argv[0] = 'fl-rpn-train'; from fl_rpn.train import train_app; train_app()"
+    procs = []
+    for rank in (0, 1):
+        env = {
+            **os.environ, "FL_RPN_CACHE": str(cache), "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "1",
+            "SUBMITIT_LOCAL_GLOBALID": str(rank), "SUBMITIT_LOCAL_LOCALID": str(rank), "SUBMITIT_LOCAL_NTASKS": "2",
+            "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        overrides = [*FAST, "device=cpu", "batch_size=1", f"hydra.run.dir={run}"]
+        procs.append(subprocess.Popen([sys.executable, "-c", code, *overrides], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    log = (run / "train.log").read_text()
+    assert log.count("dataset.train: 6 images") == 1 and log.count("[INFO] - train: 6 images") == 1
+    assert "dataset.train: 6 images" in out  # rank 1 still logs, to its console
+
+
+def test_drop_file_logging_keeps_the_console(tmp_path, monkeypatch):
+    root = logging.getLogger()
+    file_handler, console = logging.FileHandler(tmp_path / "train.log"), logging.StreamHandler(sys.stdout)
+    monkeypatch.setattr(root, "handlers", [file_handler, console])
+    trainer.drop_file_logging()
+    assert root.handlers == [console] and file_handler.stream is None  # closed
+
+
+def test_resume_true_without_a_checkpoint_warns_and_starts_from_scratch(tmp_path, cache, caplog):
+    cfg = compose_config([*FAST, "schedule.max_iters=1", "resume=true", f"output_dir={tmp_path}"])
+    with caplog.at_level(logging.WARNING, logger="fl_rpn.engine.trainer"):
+        train(cfg)
+    assert f"resume=true but {tmp_path / 'last.pt'} does not exist: training from scratch" in caplog.text
+    assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
+
+
+def test_fp16_resumes_a_checkpoint_written_without_it(tmp_path, cache, monkeypatch):
+    """A run without fp16 saves an empty GradScaler state, which an enabled GradScaler refuses to load.
+
+    fp16 needs CUDA; on the CPU an enabled CPU GradScaler stands in for the one ``amp=fp16`` builds.
+    """
+    train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path}"]))
+    assert load_checkpoint(tmp_path / "last.pt")["scaler"] == {}
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real("cpu", enabled=True))
+    train(compose_config([*FAST, "resume=true", f"output_dir={tmp_path}"]))
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 2 and ckpt["scaler"]["scale"] == 2.0**16 and finite_state(ckpt)
 
 
 # --- safe loading and resuming ---------------------------------------------------------------------------

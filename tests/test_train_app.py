@@ -5,11 +5,22 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.io import decode_image
 
-from fl_rpn.engine.checkpoint import load_checkpoint
+from fl_rpn.config import compose_config
+from fl_rpn.engine import trainer
+from fl_rpn.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from fl_rpn.engine.evaluate import predict
+from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.trainer import train
+from fl_rpn.model import build_model
+from fl_rpn.predict import predict_images
 
 TINY = [
     "dataset.train.num_images=6", "dataset.val.num_images=3",
@@ -42,6 +53,9 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
     assert metrics["train/iterations"] == 2
     assert metrics["provenance"]["rpn"] == "focal_softmax" and metrics["provenance"]["seed"] == 0
     assert (run_dir / ".hydra" / "config.yaml").is_file() and list((run_dir / "tb").iterdir())
+    resolved = (run_dir / "config_resolved.yaml").read_text()
+    assert "${" not in resolved and f"output_dir: {run_dir}" in resolved and f"cache_dir: {cache}" in resolved
+    assert "${" in (run_dir / ".hydra" / "config.yaml").read_text()  # Hydra keeps the interpolations
 
     # resume the same run directory to 4 iterations: it continues from 2
     run_app("fl_rpn.train", *TINY, "schedule.max_iters=4", "resume=true", f"hydra.run.dir={run_dir}", cache_dir=cache)
@@ -87,3 +101,140 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_cfg, t
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+FAST = [*TINY, "eval.evaluators=[]"]
+PROMISED_TAGS = {
+    "train/lr", "train/loss", "train/loss_objectness", "train/loss_rpn_box_reg", "train/loss_classifier",
+    "train/loss_box_reg", "rpn/positive_anchors_per_image", "rpn/negative_anchors_per_image",
+    "rpn/trained_anchors_per_image", "rpn/focal_normalizer", "rpn/easy_negative_loss_share",
+}  # fmt: skip
+
+
+def scalars(tb_dir, tag):
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}, set(events.Tags()["scalars"])
+
+
+def test_tensorboard_after_resume_keeps_the_checkpoint_step_and_has_the_promised_tags(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    train(compose_config([*FAST, f"output_dir={tmp_path}"]))
+    with SummaryWriter(str(tmp_path / "tb")) as stale:  # logged after last.pt by a run that was then killed
+        stale.add_scalar("train/loss", 999.0, 3)
+    train(compose_config([*FAST, "schedule.max_iters=4", "resume=true", f"output_dir={tmp_path}"]))
+    loss, tags = scalars(tmp_path / "tb", "train/loss")
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert loss == pytest.approx({h["iteration"]: h["loss"] for h in history}) and sorted(loss) == [1, 2, 3, 4]
+    assert PROMISED_TAGS <= tags
+
+
+def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    steps: list[dict[str, float]] = []
+
+    def build(cfg, num_classes, **kwargs):
+        model = build_model(cfg, num_classes, **kwargs)
+
+        def record(module, args, output):
+            if module.training:
+                steps.append({k: v.item() for k, v in module.stats.items()})
+
+        model.rpn.register_forward_hook(record)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build)
+    cfg = compose_config([*FAST, "schedule.max_iters=4", "schedule.log_every=2", f"output_dir={tmp_path}"])
+    metrics = train(cfg)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["iteration"] for h in history] == [2, 4] and len(steps) == 4
+    moved = False
+    for entry, window in zip(history, (steps[:2], steps[2:])):
+        for key in window[0]:
+            mean = sum(step[key] for step in window) / 2
+            assert entry[f"rpn/{key}"] == pytest.approx(mean, rel=1e-6), key
+            moved |= mean != pytest.approx(window[-1][key])
+    assert moved  # the window is not a single repeated value: the mean differs from the last step somewhere
+    assert metrics["train/rpn/positive_anchors_per_image"] == history[-1]["rpn/positive_anchors_per_image"]
+    logged, _ = scalars(tmp_path / "tb", "rpn/positive_anchors_per_image")
+    assert logged == pytest.approx({h["iteration"]: h["rpn/positive_anchors_per_image"] for h in history})
+
+
+def test_resume_from_a_checkpoint_path_continues_from_its_iteration(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    train(compose_config([*FAST, f"output_dir={tmp_path / 'first'}"]))
+    source = tmp_path / "first" / "last.pt"
+    with caplog.at_level("INFO", logger="fl_rpn.engine.trainer"):
+        train(compose_config([*FAST, "schedule.max_iters=4", f"resume={source}", f"output_dir={tmp_path / 'next'}"]))
+    assert f"resumed from {source} at iteration 2" in caplog.text
+    resumed = load_checkpoint(tmp_path / "next" / "last.pt")
+    assert resumed["iteration"] == 4 and [h["iteration"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert load_checkpoint(source)["iteration"] == 2  # the source is read, not written
+    train(compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path / 'straight'}"]))
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    for k, v in straight.items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def grad_norms_at_each_step(monkeypatch, tmp_path, *overrides):
+    """The total L2 norm of the gradients that each optimizer step uses."""
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
+
+    def build_and_watch(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        optimizer.register_step_pre_hook(record)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", build_and_watch)
+    train(compose_config([*FAST, *overrides, f"output_dir={tmp_path}"]))
+    return norms
+
+
+def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    unclipped = grad_norms_at_each_step(monkeypatch, tmp_path / "a")
+    clipped = grad_norms_at_each_step(monkeypatch, tmp_path / "b", "clip_grad_norm=0.05")
+    assert len(unclipped) == len(clipped) == 2 and min(unclipped) > 0.5
+    assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
+
+
+def test_cls_lr_mult_keeps_the_objectness_layers_lr_times_weight_decay():
+    cfg = compose_config(["rpn=focal_sigmoid_lr2"])
+    model = build_model(cfg, num_classes=3)
+    base, cls = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, global_batch=16).param_groups
+    assert (base["lr"], base["weight_decay"]) == (pytest.approx(0.02), pytest.approx(1e-4))
+    assert (cls["lr"], cls["weight_decay"]) == (pytest.approx(0.04), pytest.approx(5e-5))
+    assert {id(p) for p in cls["params"]} == {id(p) for p in model.rpn.head.cls_logits.parameters()}
+
+
+def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
+    checkpoint = tmp_path / "run" / "last.pt"
+    png, other = sorted((tmp_path / "cache").rglob("*.png"))[:2]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(png.read_bytes())
+    Image.open(other).convert("RGB").save(tmp_path / "b" / "x.bmp")  # torchvision.io does not decode BMP
+
+    def run(out, topk):
+        overrides = [f"checkpoint={checkpoint}", f"inputs=[{tmp_path / 'a'},{tmp_path / 'b'}]", f"out_dir={out}",
+                     "score_thresh=1.1", f"proposals_topk={topk}"]  # fmt: skip
+        written = predict_images(compose_config(overrides, config_name="predict"))
+        return {p.name: decode_image(str(p)) for p in written}
+
+    plain = run(tmp_path / "plain", 0)
+    assert sorted(plain) == ["x-0.png", "x-1.png"]  # same stem, different folders: both kept
+    assert torch.equal(plain["x-1.png"], torch.from_numpy(np.array(Image.open(other).convert("RGB"))).permute(2, 0, 1))
+
+    drawn = run(tmp_path / "drawn", 5)
+    model, _ = model_from_checkpoint(checkpoint)
+    for name, source in (("x-0.png", plain["x-0.png"]), ("x-1.png", plain["x-1.png"])):
+        changed = (drawn[name] != source).any(0)
+        assert changed.sum() > 20 and (drawn[name][:, changed] == 128).all()  # only grey proposal outlines
+        (output,) = predict(model, [source.float() / 255])
+        for x1, y1, _, _ in output["proposals"][:5].long().tolist():  # every box's corner is outlined
+            assert (drawn[name][:, y1, x1] == 128).all()

@@ -1,8 +1,9 @@
 """Checkpoints: written atomically (temporary file, fsync, rename), read with ``weights_only=True``.
 
 A checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``iteration``
-(the number of finished iterations), ``rng`` (torch CPU / CUDA and Python states), ``history`` (the
-logged scalars so far) and ``config`` (the resolved run config as plain containers, used to explain a mismatch).
+(the number of finished iterations), ``skipped_steps`` (those of them whose step was skipped: ``nonfinite=skip``),
+``rng`` (torch CPU / CUDA and Python states), ``history`` (the logged scalars so far) and ``config`` (the
+resolved run config as plain containers, used to explain a mismatch).
 """
 
 import json

@@ -12,21 +12,27 @@ def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, optim_cfg: DictConfig, cls_lr_mult: float, global_batch: int) -> Optimizer:
-    """SGD over trainable parameters; the RPN objectness layer gets ``lr * cls_lr_mult``.
+    """SGD over trainable parameters; the RPN objectness layer gets ``lr * cls_lr_mult`` and
+    ``weight_decay / cls_lr_mult``.
 
     ``cls_lr_mult = 2`` on the sigmoid form gives its logit the step size the softmax form's logit
     difference gets (the two logits of the softmax form each move, and their difference moves twice).
+    The difference still decays at the base rate (each logit shrinks by ``1 - lr * weight_decay`` per step),
+    so the group keeps the product ``lr * weight_decay`` of the others.
     """
     if optim_cfg.name != "sgd":
         raise ValueError(f"optim.name must be 'sgd', got {optim_cfg.name!r}")
-    lr = scaled_lr(optim_cfg, global_batch)
+    lr, weight_decay = scaled_lr(optim_cfg, global_batch), optim_cfg.weight_decay
     cls_params = {id(p) for p in model.rpn.head.cls_logits.parameters()}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in trainable if id(p) not in cls_params], "lr": lr, "name": "base"},
-        {"params": [p for _, p in trainable if id(p) in cls_params], "lr": lr * cls_lr_mult, "name": "rpn_cls"},
-    ]
-    return SGD(groups, lr=lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+        {
+            "params": [p for _, p in trainable if id(p) in cls_params], "name": "rpn_cls",
+            "lr": lr * cls_lr_mult, "weight_decay": weight_decay / cls_lr_mult,
+        },
+    ]  # fmt: skip
+    return SGD(groups, lr=lr, momentum=optim_cfg.momentum, weight_decay=weight_decay)
 
 
 def lr_factor(iteration: int, schedule: DictConfig) -> float:

@@ -6,6 +6,7 @@ Epoch ``e`` uses a permutation seeded by ``(seed, e)`` and every sample's augmen
 whatever the number of workers.
 """
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -87,17 +88,23 @@ class TrainStream:
         return epoch, iteration
 
     def from_iteration(self, iteration: int) -> Iterator:
+        """One DataLoader over the batches of every epoch from ``iteration`` on: its workers start once.
+
+        The loader's generator only sets the workers' base seeds, on which no item depends (each seeds itself).
+        """
         epoch, skip = self.locate(iteration)
-        while True:
-            batches = self.epoch_batches(epoch)[skip:]
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=batches,
-                num_workers=self.num_workers,
-                collate_fn=collate_fn,
-                pin_memory=torch.cuda.is_available(),
-                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),  # leaves the global RNG alone
-                worker_init_fn=ignore_sigterm,  # SIGTERM is for the main process: it checkpoints, then stops us
-            )
-            yield from loader
-            epoch, skip = epoch + 1, 0
+
+        def batches():
+            for e in itertools.count(epoch):
+                yield from self.epoch_batches(e)[skip if e == epoch else 0 :]
+
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=batches(),
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # leaves the global RNG alone
+            worker_init_fn=ignore_sigterm,  # SIGTERM is for the main process: it checkpoints, then stops us
+        )
+        return iter(loader)

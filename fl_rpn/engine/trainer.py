@@ -1,7 +1,8 @@
 """``train(cfg)``: the training loop as a plain function (the Hydra wrapper lives in ``fl_rpn.train``).
 
 One iteration = one batch of ``cfg.batch_size`` images per process. The run directory receives the
-resolved config (Hydra's ``.hydra/``), TensorBoard events (``tb/``), ``last.pt`` and ``metrics.json``.
+resolved config (``config_resolved.yaml``; Hydra's ``.hydra/`` keeps the unresolved one and the overrides),
+TensorBoard events (``tb/``), ``last.pt``, ``history.json`` and ``metrics.json``.
 """
 
 import logging
@@ -88,8 +89,29 @@ def resolve_resume(resume: Any, output_dir: Path) -> Path | None:
         return None
     if resume in (True, "true"):
         path = output_dir / "last.pt"
-        return path if path.is_file() else None  # nothing yet: start from scratch
+        if path.is_file():
+            return path
+        # legitimate for a requeued job that was stopped before its first checkpoint, so not an error
+        log.warning("resume=true but %s does not exist: training from scratch", path)
+        return None
     return Path(str(resume)).expanduser()
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` on ``device`` if it is a tensor; the copy overlaps with compute (the loader pins memory on CUDA)."""
+    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+
+
+def drop_file_logging() -> None:
+    """Remove the root logger's file handlers (ranks > 0: ``train.log`` is rank 0's).
+
+    Under torchrun and srun ``fl_rpn.train.main`` gives ranks > 0 stdout logging, but Hydra's submitit launcher
+    sets up every rank's job itself, each with a handler appending to the same ``train.log``.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -100,7 +122,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     device = select_device(cfg.device)
+    if cfg.amp is not None and device.type != "cuda":
+        raise ValueError(f"config key amp={cfg.amp}: needs CUDA; this run is on {device} (use amp=null)")
     dist_info = init_distributed(str(device))
+    if not dist_info.is_main:
+        drop_file_logging()
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.cuda_index)
     # Every rank works in rank 0's run directory (Hydra's ${now:...} can differ between processes) and
@@ -119,34 +145,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"dataset.train and dataset.val have different classes: {train_set.meta.class_names[:5]}... vs "
             f"{val_set.meta.class_names[:5]}..."
         )
-    model = build_model(cfg, num_classes=train_set.meta.num_classes).to(device)
+    checkpoint_path = resolve_resume(cfg.resume, output_dir) if dist_info.is_main else None
+    checkpoint_path = broadcast_object(checkpoint_path, dist_info)  # rank 0 decides
+    # resuming: the checkpoint holds every weight, so pretrained backbone weights are not fetched again
+    model = build_model(cfg, train_set.meta.num_classes, load_backbone_weights=checkpoint_path is None).to(device)
     attach_anchor_diagnostics(model.rpn)
     global_batch = cfg.batch_size * dist_info.world_size
     optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, global_batch)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    if amp_dtype is not None and device.type != "cuda":
-        raise ValueError(f"amp={cfg.amp} needs CUDA; this run is on {device}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
 
-    start_iter = 0
+    start_iter = skipped_steps = 0
     history: list[dict[str, float]] = []  # the logged scalars; kept in the checkpoint, so a resumed run has them all
-    checkpoint_path = broadcast_object(resolve_resume(cfg.resume, output_dir), dist_info)  # rank 0 decides
     if checkpoint_path is not None:
         ckpt = load_checkpoint(checkpoint_path)
         check_resume_config(ckpt, cfg, checkpoint_path, train_set.meta.class_names)  # no mixing of two runs
         load_model_state(model, ckpt["model"], checkpoint_path)
         base_lrs = [group["initial_lr"] for group in optimizer.param_groups]  # this run's scaled lr
+        weight_decays = [group["weight_decay"] for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, weight_decay in zip(optimizer.param_groups, weight_decays):  # this run's optim config
+            group["weight_decay"] = weight_decay
         scheduler.load_state_dict(ckpt["scheduler"])
         if scheduler.base_lrs != base_lrs:  # another global batch (world size) or optim.lr: follow this run's
             log.info("lr per parameter group: %s in the checkpoint, now %s", scheduler.base_lrs, base_lrs)
             scheduler.base_lrs = base_lrs
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["initial_lr"], group["lr"] = base, base * lr_factor(scheduler.last_epoch, cfg.schedule)
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when written without fp16, which GradScaler.load_state_dict refuses
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"][dist_info.rank] if dist_info.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         start_iter = ckpt["iteration"]
+        skipped_steps = ckpt.get("skipped_steps", 0)
         history = [h for h in ckpt.get("history", []) if h["iteration"] <= start_iter]
         log.info("resumed from %s at iteration %d", checkpoint_path, start_iter)
 
@@ -160,7 +191,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if dist_info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(output_dir / "tb"), purge_step=start_iter)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # the checkpoint's own step was logged before it was written: drop only the steps after it
+        writer = SummaryWriter(str(output_dir / "tb"), purge_step=start_iter + 1)
         log.info(
             "train: %d images, val: %d images, %d classes; global batch %d, lr %.4g",
             len(train_set), len(val_set), train_set.meta.num_classes, global_batch,
@@ -178,7 +212,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "iteration": iteration, "rng": rngs, "history": history,
+                    "iteration": iteration, "skipped_steps": skipped_steps, "rng": rngs, "history": history,
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "meta": {"class_names": train_set.meta.class_names, "category_ids": train_set.meta.category_ids},
                 },
@@ -189,8 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     schedule = cfg.schedule
     stream = TrainStream(train_set, cfg.batch_size, cfg.num_workers, cfg.seed, cfg.group_aspect_ratio, dist_info)
     preemption = _Preemption()
-    window: dict[str, list[float]] = {}
-    skipped_steps = 0
+    window: dict[str, list[torch.Tensor]] = {}  # the logged scalars of each step since the last log, on the device
     t_start = time.perf_counter()
     images_seen = 0
     progress = tqdm(
@@ -202,8 +235,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         batches = stream.from_iteration(start_iter)
         while iteration < schedule.max_iters:
             images, targets = next(batches)
-            images = [img.to(device, non_blocking=True) for img in images]
-            targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            images = [_to(img, device) for img in images]
+            targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 losses = ddp_model(images, targets)
             loss = sum(losses.values())
@@ -214,34 +247,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 where = f" on rank {dist_info.rank}" if not torch.isfinite(loss) else " on another rank"
                 message = f"non-finite loss{where if dist_info.enabled else ''} at iteration {iteration}: {terms}"
                 if cfg.nonfinite != "skip":
-                    raise NonFiniteLossError(message + f"; the last good checkpoint is {output_dir / 'last.pt'}")
+                    last = output_dir / "last.pt"
+                    saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+                    raise NonFiniteLossError(f"{message}; {saved}")
                 log.warning("%s: step skipped", message)
                 skipped_steps += 1
+            else:
                 optimizer.zero_grad(set_to_none=True)
-                iteration += 1
-                scheduler.step()
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+                scaler.scale(loss).backward()
+                if cfg.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                step_scalars = {"loss": loss, **losses, **{f"rpn/{k}": v for k, v in model.rpn.stats.items()}}
+                for k, v in step_scalars.items():
+                    window.setdefault(k, []).append(v.detach())
+            # a skipped step still counts as an iteration: the schedule, checkpoints and SIGTERM carry on
             scheduler.step()
             iteration += 1
             images_seen += len(images) * dist_info.world_size
             progress.update(1)
 
-            for k, v in losses.items():
-                window.setdefault(k, []).append(v.detach())
-            window.setdefault("loss", []).append(loss.detach())
-            if iteration % schedule.log_every == 0 or iteration == schedule.max_iters:
-                scalars = {k: torch.stack(v).mean().item() for k, v in window.items()}
-                scalars.update({f"rpn/{k}": v.item() for k, v in getattr(model.rpn, "stats", {}).items()})
-                scalars = all_reduce_mean(scalars, dist_info)
+            log_now = iteration % schedule.log_every == 0 or iteration == schedule.max_iters
+            if log_now and window:  # a window of skipped steps only has nothing to log
+                # the mean of every scalar over the window, in one host sync
+                means = torch.stack([torch.stack(v).float().mean() for v in window.values()]).tolist()
+                scalars = all_reduce_mean(dict(zip(window, means)), dist_info)
                 window = {}
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
+                scalars["skipped_steps"] = skipped_steps
                 history.append({"iteration": iteration, **scalars})
                 if writer is not None:
                     for k, v in scalars.items():
