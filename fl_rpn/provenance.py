@@ -16,18 +16,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str:
-    """``<sha>`` of the checkout, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """``<sha>`` of the checkout, with ``-dirty`` when code or config differs from it; ``unknown`` outside git.
+
+    Dirty means a tracked file differs from ``HEAD`` (staged or not), except non-``.py`` files under
+    ``experiments/``: those are results and their write-ups (RESULTS.md, results.json, READMEs, CSVs, plots),
+    which the experiment and benchmark scripts rewrite themselves, so they do not make a run's code differ.
+    Untracked files are not looked at.
+    """
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True,
-            timeout=10,
-        ).stdout.strip()  # fmt: skip
-        return sha + ("-dirty" if dirty else "")
+        changed = subprocess.run(
+            ["git", "diff", "--name-only", "--no-renames", "-z", "HEAD"], cwd=REPO, capture_output=True, text=True,
+            check=True, timeout=10,
+        ).stdout.split("\0")  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    dirty = any(p and not (p.startswith("experiments/") and not p.endswith(".py")) for p in changed)
+    return sha + ("-dirty" if dirty else "")
 
 
 def hardware() -> str:

@@ -51,6 +51,8 @@ def load_average() -> str:
 def hardware(device: torch.device) -> str:
     threads = torch.get_num_threads()
     default = "torch's default" if threads == _DEFAULT_THREADS else "set by --threads"
+    omp = os.environ.get("OMP_NUM_THREADS")
+    default += f", OMP_NUM_THREADS={omp}" if omp else ""
     cpu = f"CPU {cpu_model()}, {os.cpu_count()} cores, torch threads {threads} ({default})"
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}; host {cpu}"
@@ -58,13 +60,24 @@ def hardware(device: torch.device) -> str:
 
 
 def command_line() -> str:
-    """The command as typed from the repository root."""
+    """The command as typed from the repository root (paths inside it relative, the home folder as ``~``)."""
     script = Path(sys.argv[0]).resolve()
     try:
         script_str = str(script.relative_to(REPO))
     except ValueError:
         script_str = script.name
-    return " ".join(["python", shlex.quote(script_str), *map(shlex.quote, sys.argv[1:])])
+
+    def shown(arg: str) -> str:
+        return arg.replace(f"{REPO}/", "").replace(str(REPO), ".").replace(str(Path.home()), "~")
+
+    return " ".join(["python", shlex.quote(script_str), *(shown(shlex.quote(a)) for a in sys.argv[1:])])
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 12 hex digits of a file's SHA-256: which copy of a dataset a number was measured on."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:12]
 
 
 def provenance_lines(device: torch.device, load_before: str, load_after: str | None = None) -> list[str]:
@@ -73,7 +86,8 @@ def provenance_lines(device: torch.device, load_before: str, load_after: str | N
         f"- commit: `{git_commit()}`",
         f"- hardware: {hardware(device)}",
         f"- software: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"torchvision {torchvision.__version__}",
+        f"torchvision {torchvision.__version__}"
+        + (f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" else ""),
         f"- load average at start: {load_before}" + (f"; at end: {load_after}" if load_after else ""),
         f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}",
     ]
@@ -132,6 +146,18 @@ def median(xs: Sequence[float]) -> float:
 def iqr(xs: Sequence[float]) -> tuple[float, float]:
     q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
     return q[0], q[2]
+
+
+def shut_down(batches) -> None:
+    """Stop the DataLoader workers behind a batch iterator (``TrainStream.from_iteration``) now.
+
+    Needed on every exit path: the workers ignore SIGTERM (``fl_rpn.data.build.ignore_sigterm``), so a worker
+    left running when the script ends (e.g. by an exception) keeps the interpreter waiting for it forever.
+    """
+    for name in ("close", "_shutdown_workers"):  # a generator wrapping the loader, or the loader's own iterator
+        if hasattr(batches, name):
+            getattr(batches, name)()
+            return
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -228,6 +254,13 @@ arms in one process, interleaved, and reports medians; numbers are only comparab
 """
 
 
+def read_section(name: str, results: Path = RESULTS) -> str | None:
+    """The ``name`` block of RESULTS.md (markers included), or None when there is none."""
+    text = results.read_text() if results.exists() else ""
+    match = re.search(re.escape(f"<!-- BEGIN {name} ") + r".*?" + re.escape(f"<!-- END {name} -->"), text, re.S)
+    return match.group(0) if match else None
+
+
 def write_section(name: str, title: str, body_lines: list[str], script: str | None = None,
                   results: Path = RESULTS) -> None:  # fmt: skip
     """Replace (or append) the ``name`` block of RESULTS.md, keeping everything outside it."""
@@ -241,7 +274,7 @@ def write_section(name: str, title: str, body_lines: list[str], script: str | No
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     results.write_text(text)
-    print(f"updated {results.relative_to(REPO)} [{name}]")
+    print(f"updated {results.relative_to(REPO) if results.is_relative_to(REPO) else results.name} [{name}]")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:

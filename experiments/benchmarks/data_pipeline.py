@@ -3,7 +3,8 @@
 The dataset is ``fl_rpn.data.build_dataset`` on the coco128 train node
 (``compose_config(["dataset=coco128", "data_root=..."]).dataset.train``) with the training transforms
 (decode, random flip, to float, sanitize), batched by the trainer's own ``fl_rpn.engine.stream.TrainStream``
-(aspect-ratio grouping, one DataLoader per epoch, so worker start-up is paid once per epoch as in training).
+(aspect-ratio grouping); each loader sample starts a fresh ``from_iteration(0)`` and shuts its workers down at
+the end, so it pays the workers' start-up once (the time to the first batch, reported apart).
 
 Arms, interleaved per round: the loader with each worker count (``--epochs`` epochs each, images/s over
 all of them, time to the first batch reported apart), and a ``--model`` (default ``tiny_fpn``) training
@@ -26,12 +27,14 @@ from pathlib import Path
 import torch
 from _common import (
     add_common_arguments,
+    file_digest,
     interleaved_times,
     load_average,
     markdown_table,
     median,
     provenance_lines,
     select_device,
+    shut_down,
     synchronize,
     wait_for_quiet,
     write_section,
@@ -49,12 +52,14 @@ def loader_arm(dataset, batch: int, workers: int, epochs: int, seed: int, first_
     def run() -> None:
         stream = TrainStream(dataset, batch, workers, seed, group_aspect_ratio=True)
         batches = stream.from_iteration(0)
-        t0 = time.perf_counter()
-        next(batches)
-        first_batch.append(time.perf_counter() - t0)
-        for _ in range(epochs * stream.batches_per_epoch - 1):
+        try:
+            t0 = time.perf_counter()
             next(batches)
-        batches.close()
+            first_batch.append(time.perf_counter() - t0)
+            for _ in range(epochs * stream.batches_per_epoch - 1):
+                next(batches)
+        finally:
+            shut_down(batches)
 
     return run
 
@@ -162,10 +167,12 @@ def main() -> None:
 
     lines = provenance_lines(device, load_before, load_after)
     sizes = sorted({tuple(im.shape[1:]) for im in images})
+    sides = [side for r in dataset.records for side in (r.height, r.width)]
     lines += [
-        f"- data: `$FL_RPN_DATA/coco128` train2017, {len(dataset)} images (333–640 px), COCO json; training "
-        f"transforms (flip p={cfg.hflip_prob}); batch {args.batch}; loader = the trainer's `TrainStream` "
-        f"(one DataLoader per epoch); {args.epochs} epoch(s) per loader sample, {args.rounds} interleaved rounds",
+        f"- data: `$FL_RPN_DATA/coco128` train2017, {len(dataset)} images ({min(sides)}–{max(sides)} px), COCO json "
+        f"(sha256 {file_digest(cfg.dataset.train.annotations)}…); "
+        f"training transforms (flip p={cfg.hflip_prob}); batch {args.batch}; loader = the trainer's `TrainStream` "
+        f"(a fresh stream per sample); {args.epochs} epoch(s) per loader sample, {args.rounds} interleaved rounds",
         f"- main process, per image: read + JPEG decode {decode_ms:.1f} ms, whole `dataset[i]` (decode + "
         f"transforms + target) {item_ms:.1f} ms",
         f"- model arm: `{args.model}` + `{args.rpn}` on {device.type}, batch {args.batch} of real COCO128 images "

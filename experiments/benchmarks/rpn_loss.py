@@ -233,7 +233,7 @@ def main() -> None:
     focal = [a for a in arms if a.startswith("focal")]
     if args.baseline:
         lines += ["", f"`@{rev}`: the focal arms as committed at {rev} (`--baseline {args.baseline}`), "
-                  "i.e. before the optimisation described below, timed in the same process."]  # fmt: skip
+                  "timed in the same process."]  # fmt: skip
     if "sampled" in arms and focal:
         lines += [
             "",

@@ -75,16 +75,22 @@ def make_arm(arm: str, args, num_classes: int, device: torch.device):
     return model, optimizer
 
 
+def train_step(model, optimizer, images, targets, device: torch.device, amp_dtype) -> None:
+    """One trainer iteration on a batch already on ``device``: autocast forward, loss sum, finiteness check
+    (a host sync, as the trainer's), zero_grad, backward, SGD step."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {losses}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def make_step(model, optimizer, images, targets, device, amp_dtype):
     def step() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            losses = model(images, targets)
-        loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss {losses}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, optimizer, images, targets, device, amp_dtype)
 
     return step
 
@@ -185,10 +191,24 @@ def main() -> None:
         for arm in arms:
             print(f"\n=== {arm}: 3 steps ===\n" + profile_table(steps[arm], device, 25))
     if not args.no_write:
-        name = "train_step" if args.model == "tiny_fpn" and device.type == "cpu" else f"train_step_{args.model}"
+        # one section per setting, so that e.g. an amp or a CUDA run does not replace the CPU demo's numbers
+        variant = {
+            args.model: not (args.model == "tiny_fpn" and device.type == "cpu"),
+            device.type: device.type != "cpu",
+            str(args.amp): bool(args.amp),
+            "channels_last": args.channels_last,
+            "nodiag": args.no_diagnostics,
+            f"threads{args.threads}": bool(args.threads),
+        }
+        name = "_".join(["train_step", *(k for k, on in variant.items() if on)])
         title = f"2. Whole training step, `{args.model}` on {device.type.upper()} (`train_step.py`)"
-        if args.threads:
-            name, title = f"{name}_threads{args.threads}", f"{title}, {args.threads} torch thread(s)"
+        title += "".join(
+            f", {text}"
+            for text, on in ((f"amp {args.amp}", args.amp), ("channels_last", args.channels_last),
+                             ("without diagnostics", args.no_diagnostics),
+                             (f"{args.threads} torch thread(s)", args.threads))
+            if on
+        )  # fmt: skip
         write_section(name, title, lines, script="train_step.py")
 
 

@@ -117,7 +117,10 @@ def main() -> None:
     args = parser.parse_args()
 
     summary = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    summary["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else Path(script.name)
+    command = " ".join(["python", str(shown), *sys.argv[1:]])
+    summary["command"] = command  # the last invocation; each arm records the one that trained it
     summary.setdefault("arms", {})
     for arm in args.arms:
         run: dict = {}
@@ -130,13 +133,16 @@ def main() -> None:
             print("$", " ".join(cmd), flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            run = {"returncode": proc.returncode, "wall_seconds": round(time.perf_counter() - t0, 1)}
+            run = {"command": command, "returncode": proc.returncode}
+            run["wall_seconds"] = round(time.perf_counter() - t0, 1)
             if proc.returncode != 0:
                 run["error_tail"] = proc.stderr.strip().splitlines()[-5:]
             (args.out / arm).mkdir(parents=True, exist_ok=True)
             (args.out / arm / "stderr.log").write_text(proc.stderr)
         previous = summary["arms"].get(arm, {})
-        result = {**{k: previous[k] for k in ("returncode", "wall_seconds", "error_tail") if k in previous}, **run}
+        # an arm trained now replaces what an earlier invocation recorded (a stale error_tail included)
+        kept = ("command", "returncode", "wall_seconds", "error_tail")
+        result = run or {k: previous[k] for k in kept if k in previous}
         result.update(check(args.out / arm), requested_iterations=args.iters)
         summary["arms"][arm] = result
         print(arm, json.dumps(result), flush=True)
