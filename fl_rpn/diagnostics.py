@@ -18,23 +18,34 @@ EASY_LOGIT = -math.log(9.0)  # sigmoid(EASY_LOGIT) = 0.1: a negative below it ha
 
 @torch.no_grad()
 def anchor_statistics(
-    object_logit: Tensor, labels: Tensor, per_anchor_loss: Tensor, trained: Tensor, num_images: int
+    object_logit: Tensor,
+    negative: Tensor,
+    per_anchor_loss: Tensor,
+    *,
+    num_positive: Tensor,
+    num_negative: Tensor,
+    num_trained: Tensor,
+    num_images: int,
+    loss_sum: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """
     Args:
-        object_logit: ``[R]`` logit whose sigmoid is the object probability.
-        labels: ``[R]`` 1 / 0 / -1.
-        per_anchor_loss: ``[R]`` objectness loss per anchor (zero where not trained).
-        trained: ``[R]`` bool, anchors that received a loss.
+        object_logit: ``[T]`` logit whose sigmoid is the object probability, of T anchors that include every
+            trained one (all R anchors for FL-RPN, the 256 sampled per image for the sampled RPN).
+        negative: ``[T]`` bool, those labelled 0 (background).
+        per_anchor_loss: ``[T]`` their objectness loss, zero for any that was not trained.
+        num_positive, num_negative, num_trained: anchors labelled 1, labelled 0 (before any sampling) and
+            trained, in the whole batch.
+        loss_sum: ``per_anchor_loss.sum()`` when the caller has it already.
     """
-    negative = labels == 0
-    easy = negative & trained & (object_logit < EASY_LOGIT)
-    total = torch.where(trained, per_anchor_loss, 0.0).sum()
+    if loss_sum is None:
+        loss_sum = per_anchor_loss.sum()
+    easy_loss = (per_anchor_loss * (negative & (object_logit < EASY_LOGIT))).sum()
     return {
-        "positive_anchors_per_image": (labels == 1).count_nonzero() / num_images,
-        "negative_anchors_per_image": negative.count_nonzero() / num_images,
-        "trained_anchors_per_image": trained.count_nonzero() / num_images,
-        "easy_negative_loss_share": torch.where(easy, per_anchor_loss, 0.0).sum() / total.clamp(min=1e-12),
+        "positive_anchors_per_image": num_positive / num_images,
+        "negative_anchors_per_image": num_negative / num_images,
+        "trained_anchors_per_image": num_trained / num_images,
+        "easy_negative_loss_share": easy_loss / loss_sum.clamp(min=1e-12),
     }
 
 
@@ -68,11 +79,15 @@ def attach_anchor_diagnostics(rpn: RegionProposalNetwork) -> None:
     def observed_compute_loss(objectness, pred_bbox_deltas, labels, regression_targets):
         losses = compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
         pos, neg = recorder.last
-        trained = torch.cat(pos).bool() | torch.cat(neg).bool()
+        trained = torch.where(torch.cat(pos).bool() | torch.cat(neg).bool())[0]  # 256 per image
         flat_labels = torch.cat(labels)
-        logit = objectness.detach().flatten()
-        bce = F.binary_cross_entropy_with_logits(logit, flat_labels.clamp(min=0), reduction="none")
-        rpn.stats = anchor_statistics(logit, flat_labels, bce, trained, len(labels))
+        logit, label = objectness.detach().flatten()[trained], flat_labels[trained]
+        bce = F.binary_cross_entropy_with_logits(logit, label.clamp(min=0), reduction="none")
+        rpn.stats = anchor_statistics(
+            logit, label == 0, bce, num_positive=(flat_labels == 1).count_nonzero(),
+            num_negative=(flat_labels == 0).count_nonzero(), num_images=len(labels),
+            num_trained=torch.tensor(trained.numel(), device=logit.device),
+        )  # fmt: skip
         return losses
 
     rpn.compute_loss = observed_compute_loss

@@ -148,8 +148,9 @@ class FocalLossRPN(RegionProposalNetwork):
             ``(loss_objectness, loss_rpn_box_reg)``, scalars.
         """
         num_images = len(labels)
+        # the box loss needs the few positives only: take them per image, not from a copy of all R x 4 targets
+        regression_targets = torch.cat([t[lab == 1] for t, lab in zip(regression_targets, labels)])
         labels = torch.cat(labels, dim=0)
-        regression_targets = torch.cat(regression_targets, dim=0)
         expected = (labels.shape[0], FORMS[self.form])
         if tuple(objectness.shape) != expected:
             raise ValueError(f"{self.form} FocalLossRPN expects objectness {expected}, got {tuple(objectness.shape)}")
@@ -159,26 +160,29 @@ class FocalLossRPN(RegionProposalNetwork):
         objectness = objectness.to(dtype)
         valid = labels >= 0
         positive = labels == 1
-        if self.form == "sigmoid":
-            per_anchor = sigmoid_focal_loss(objectness[:, 0], positive, self.alpha, self.gamma)
-        else:
-            per_anchor = softmax_focal_loss(objectness, positive, self.alpha, self.gamma)
-        per_anchor = torch.where(valid, per_anchor, 0.0)  # masks, not indexing: no host sync, no copies
+        focal_loss = sigmoid_focal_loss if self.form == "sigmoid" else softmax_focal_loss
+        logits = objectness[:, 0] if self.form == "sigmoid" else objectness
+        per_anchor = focal_loss(logits, positive, self.alpha, self.gamma, valid=valid)  # 0 where label is -1
 
-        normalizer = self.focal_normalizer(positive.count_nonzero().to(torch.float32))
-        loss_objectness = self.loss_weight * per_anchor.sum() / normalizer
+        num_pos = positive.count_nonzero()
+        normalizer = self.focal_normalizer(num_pos.to(torch.float32))
+        loss_sum = per_anchor.sum()
+        loss_objectness = self.loss_weight * loss_sum / normalizer
 
         # Only the few positives (~0.1 % of R) have a box loss: index them (one host sync, as torchvision's
         # sampler and filter_proposals have) rather than run smooth L1 and its backward over all R x 4 deltas.
         pos_idx = torch.where(positive)[0]
         box_loss = F.smooth_l1_loss(
-            pred_bbox_deltas[pos_idx].to(dtype), regression_targets[pos_idx].to(dtype), beta=1 / 9, reduction="sum"
+            pred_bbox_deltas[pos_idx].to(dtype), regression_targets.to(dtype), beta=1 / 9, reduction="sum"
         )
         loss_rpn_box_reg = box_loss / (2 * normalizer)
 
+        negative = labels == 0
         self.stats = anchor_statistics(
-            object_logit(objectness.detach()), labels, per_anchor.detach(), valid, num_images
-        )
+            object_logit(objectness.detach()), negative, per_anchor.detach(), num_positive=num_pos,
+            num_negative=negative.count_nonzero(), num_trained=valid.count_nonzero(), num_images=num_images,
+            loss_sum=loss_sum.detach(),
+        )  # fmt: skip
         self.stats["focal_normalizer"] = normalizer.detach()
         return loss_objectness, loss_rpn_box_reg
 

@@ -79,3 +79,49 @@ def test_softmax_form_equals_the_log_softmax_definition():
     alpha_t = torch.where(targets == 1, 0.25, 0.75).double()
     reference = -alpha_t * (1 - log_p_t.exp()) ** 2 * log_p_t
     torch.testing.assert_close(softmax_focal_loss(logits, targets), reference)
+
+
+def autograd_reference(logits, targets, alpha, gamma):
+    """The focal loss written plainly, differentiated by autograd: what the closed-form backward must equal."""
+    p = torch.sigmoid(logits)
+    p_t = torch.where(targets, p, 1 - p)
+    alpha_t = torch.where(targets, logits.new_tensor(alpha), logits.new_tensor(1 - alpha))  # not float32 scalars
+    return -alpha_t * (1 - p_t) ** gamma * torch.log(p_t)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 0.0), (0.75, 1.0), (0.3, 1.5), (0.25, 3.0)])
+def test_closed_form_gradient_equals_autograd_of_the_definition(alpha, gamma):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(400, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.rand(400, generator=g) < 0.3
+    weights = torch.rand(400, generator=g, dtype=torch.float64)  # an arbitrary upstream gradient
+    (sigmoid_focal_loss(logits, targets, alpha, gamma) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    (autograd_reference(logits, targets, alpha, gamma) * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-10, atol=1e-12)
+    valid = torch.rand(400, generator=g) < 0.8
+    assert torch.autograd.gradcheck(
+        lambda z: sigmoid_focal_loss(z, targets, alpha, gamma, valid=valid), (logits.detach().requires_grad_(),)
+    )
+
+
+def test_valid_mask_zeroes_loss_and_gradient_even_for_non_finite_logits():
+    logits = torch.tensor([0.5, float("nan"), float("inf"), -2.0, float("-inf")], requires_grad=True)
+    targets = torch.tensor([1, 0, 1, 0, 0])
+    valid = torch.tensor([True, False, False, True, False])
+    loss = sigmoid_focal_loss(logits, targets, valid=valid)
+    loss.sum().backward()
+    expected = torch.tensor([focal_closed_form(1 / (1 + math.exp(-0.5)), True, 0.25, 2.0), 0.0, 0.0,
+                             focal_closed_form(1 / (1 + math.exp(2.0)), False, 0.25, 2.0), 0.0])  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+    assert logits.grad[[1, 2, 4]].eq(0).all() and logits.grad[[0, 3]].ne(0).all()
+
+
+def test_values_match_torchvision_sigmoid_focal_loss():
+    from torchvision.ops import sigmoid_focal_loss as torchvision_focal
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(10_000, generator=g) * 6
+    targets = (torch.rand(10_000, generator=g) < 0.1).float()
+    torch.testing.assert_close(sigmoid_focal_loss(logits, targets), torchvision_focal(logits, targets))

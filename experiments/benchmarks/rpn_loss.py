@@ -139,7 +139,7 @@ def make_step(rpn: RegionProposalNetwork, arm: str, logits: torch.Tensor, deltas
 
     def step_without_diagnostics() -> None:
         recorded = fl_rpn.rpn.anchor_statistics
-        fl_rpn.rpn.anchor_statistics = lambda *args: {}
+        fl_rpn.rpn.anchor_statistics = lambda *args, **kwargs: {}
         try:
             step()
         finally:
