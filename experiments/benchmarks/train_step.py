@@ -60,19 +60,42 @@ def make_batch(batch: int, size: tuple[int, int], num_classes: int, device: torc
     return images, targets
 
 
+def same_state_as(model, sampled_state: dict[str, torch.Tensor]) -> None:
+    """Give ``model`` the weights of the sampled-RPN model; a two-logit objectness layer gets background
+    logits 0 and object logits the sampled layer's, so ``z_object - z_background`` is the same logit."""
+    state = dict(sampled_state)
+    own = model.state_dict()
+    for key in ("rpn.head.cls_logits.weight", "rpn.head.cls_logits.bias"):
+        if own[key].shape[0] == 2 * state[key].shape[0]:
+            two = torch.zeros_like(own[key])
+            two[1::2] = state[key]
+            state[key] = two
+    model.load_state_dict(state)
+
+
 def make_arm(arm: str, args, num_classes: int, device: torch.device):
-    overrides = [f"model={args.model}", f"rpn={arm}", f"batch_size={args.batch}"]
-    if args.size:
-        overrides += [f"model.detector.min_size={args.size[0]}", f"model.detector.max_size={args.size[1]}"]
-    cfg = compose_config(overrides)
+    cfg = compose_config(arm_overrides(arm, args))
     torch.manual_seed(args.seed)
     model = build_model(cfg, num_classes=num_classes).to(device).train()
+    if args.same_state:
+        torch.manual_seed(args.seed)
+        same_state_as(model, build_model(compose_config(arm_overrides("sampled", args)), num_classes).state_dict())
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if not args.no_diagnostics:
         attach_anchor_diagnostics(model.rpn)  # a no-op for FocalLossRPN, which records its own
     optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
+    if args.same_state:  # the full backward still runs; the weights, hence proposals and RoIs, stay the same
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
     return model, optimizer
+
+
+def arm_overrides(arm: str, args) -> list[str]:
+    overrides = [f"model={args.model}", f"rpn={arm}", f"batch_size={args.batch}"]
+    if args.size:
+        overrides += [f"model.detector.min_size={args.size[0]}", f"model.detector.max_size={args.size[1]}"]
+    return overrides
 
 
 def train_step(model, optimizer, images, targets, device: torch.device, amp_dtype) -> None:
@@ -122,6 +145,9 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-diagnostics", action="store_true", help="do not attach the sampled RPN's diagnostics")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per arm")
+    parser.add_argument("--same-state", action="store_true", help="every arm has the sampled model's weights "
+                        "(softmax: background logit 0) and lr 0, so all see the same proposals and RoIs at every "
+                        "step: what remains is the cost of the RPN loss itself")  # fmt: skip
     add_common_arguments(parser)
     args = parser.parse_args()
     args.size = tuple(int(s) for s in args.size.split(",")) if args.size else None
@@ -177,7 +203,12 @@ def main() -> None:
         f"- model `{args.model}`, batch {args.batch} at {h}x{w}, {args.num_classes} classes, fixed synthetic "
         f"tensors; amp {args.amp or 'off'}, channels_last {'on' if args.channels_last else 'off'}, "
         f"sampled-RPN diagnostics {'off' if args.no_diagnostics else 'on (as the trainer)'}; "
-        f"{args.rounds} interleaved steps per arm after {args.warmup} warm-up steps; memory = peak tensor bytes "
+        + (
+            "every arm with the sampled model's weights and lr 0 (the same proposals and RoIs in every step); "
+            if args.same_state
+            else ""
+        )
+        + f"{args.rounds} interleaved steps per arm after {args.warmup} warm-up steps; memory = peak tensor bytes "
         "during one step above those held before it "
         + ("(torch.cuda.max_memory_allocated)" if device.type == "cuda" else "(torch.profiler profile_memory)"),
         "",
@@ -198,6 +229,7 @@ def main() -> None:
             str(args.amp): bool(args.amp),
             "channels_last": args.channels_last,
             "nodiag": args.no_diagnostics,
+            "same_state": args.same_state,
             f"threads{args.threads}": bool(args.threads),
         }
         name = "_".join(["train_step", *(k for k, on in variant.items() if on)])
@@ -206,6 +238,7 @@ def main() -> None:
             f", {text}"
             for text, on in ((f"amp {args.amp}", args.amp), ("channels_last", args.channels_last),
                              ("without diagnostics", args.no_diagnostics),
+                             ("same weights and proposals in every arm", args.same_state),
                              (f"{args.threads} torch thread(s)", args.threads))
             if on
         )  # fmt: skip
