@@ -281,7 +281,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 if writer is not None:
                     for k, v in scalars.items():
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, iteration)
-                    progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2g}")
+                    terms = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}
+                    progress.set_postfix(ordered_dict={**terms, "lr": f"{scalars['lr']:.2g}"})
             if iteration % schedule.checkpoint_every == 0 or stop:
                 save(iteration)
             if stop:
