@@ -302,6 +302,15 @@ def provenance_lines(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _md_table(columns: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """A markdown table with an ``arm`` column: one line per ``rows`` item (arm -> cells)."""
+    return [
+        "| arm | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(f"| {arm} | " + " | ".join(cells) + " |" for arm, cells in rows.items()),
+    ]
+
+
 def _row_cells(row: dict, names: list[str]) -> list[str]:
     cells = []
     for m in names:
@@ -323,10 +332,7 @@ def markdown(
              "AP / AR / shares in percent; mean ± sd (n) over seeds, sd the sample standard deviation across seeds.",
              ""]  # fmt: skip
     shown = [m for m in metrics if any(m in row for row in table.values())]
-    lines.append("| arm | " + " | ".join(shown) + " |")
-    lines.append("|---|" + "---|" * len(shown))
-    for arm, row in table.items():
-        lines.append(f"| {arm} | " + " | ".join(_row_cells(row, shown)) + " |")
+    lines += _md_table(shown, {arm: _row_cells(row, shown) for arm, row in table.items()})
     if "metrics.png" in plots:
         lines += ["", "metrics.png: bars are the means over seeds, error bars ± 1 sd (a spread, not an interval)."]
     if "proposal_recall.png" in plots:
@@ -337,17 +343,12 @@ def markdown(
     if summary["diffs"]:
         lines += ["Same seed (and same other swept values), mean [95 % Student-t interval] (pairs), in percent:", ""]
         diff_metrics = [m for m in shown if m.startswith(("bbox/", "proposal/", "voc07/"))]
-        lines.append("| arm | " + " | ".join(f"Δ {m}" for m in diff_metrics) + " |")
-        lines.append("|---|" + "---|" * len(diff_metrics))
-        for arm, row in summary["diffs"].items():
-            cells = []
-            for m in diff_metrics:
-                if m in row:
-                    mean, lo, hi, n = row[m]
-                    cells.append(f"{_signed(mean)} [{_signed(lo)}, {_signed(hi)}] ({n})")
-                else:
-                    cells.append("-")
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        cells = {
+            arm: [f"{_signed(row[m][0])} [{_signed(row[m][1])}, {_signed(row[m][2])}] ({row[m][3]})" if m in row
+                  else "-" for m in diff_metrics]
+            for arm, row in summary["diffs"].items()
+        }  # fmt: skip
+        lines += _md_table([f"Δ {m}" for m in diff_metrics], cells)
         if "differences.png" in plots:
             lines += ["", "differences.png: the same differences, points at the mean, bars the 95 % interval "
                       "(t-quantile for pairs − 1 degrees of freedom; none for a single pair)."]  # fmt: skip
@@ -357,10 +358,7 @@ def markdown(
         lines += ["", "## Imbalance diagnostics", "",
                   "Per run the mean over its logged training steps (history.json), then mean ± sd (n) over seeds; "
                   "the share in percent.", ""]  # fmt: skip
-        lines.append("| arm | " + " | ".join(diagnostics) + " |")
-        lines.append("|---|" + "---|" * len(diagnostics))
-        for arm, row in table.items():
-            lines.append(f"| {arm} | " + " | ".join(_row_cells(row, diagnostics)) + " |")
+        lines += _md_table(diagnostics, {arm: _row_cells(row, diagnostics) for arm, row in table.items()})
         if "imbalance.png" in plots:
             lines += ["", "imbalance.png: easy-negative share of the objectness loss vs iteration, mean over seeds."]
 
