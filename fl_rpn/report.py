@@ -263,12 +263,14 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _fmt(x: float, pct: bool) -> str:
+def _fmt(x: float, pct: bool, spread: bool = False) -> str:
+    """A fraction in percent with 2 decimals; a count with 2 decimals, or none from 1,000 on unless it is a
+    ``spread`` (an sd, which is often far below its mean)."""
     if not math.isfinite(x):
         return "nan"
     if pct:
         return f"{100 * x:.2f}"
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+    return f"{x:,.0f}" if abs(x) >= 1000 and not spread else f"{x:,.2f}"
 
 
 def _signed(x: float) -> str:
@@ -316,7 +318,7 @@ def _row_cells(row: dict, names: list[str]) -> list[str]:
     for m in names:
         if m in row:
             mean, sd, n = row[m]
-            cells.append(f"{_fmt(mean, _is_fraction(m))} ± {_fmt(sd, _is_fraction(m))} ({n})")
+            cells.append(f"{_fmt(mean, _is_fraction(m))} ± {_fmt(sd, _is_fraction(m), spread=True)} ({n})")
         else:
             cells.append("-")
     return cells

@@ -81,7 +81,7 @@ def test_diagnostics_are_averaged_over_each_history_then_over_seeds(tmp_path):
     assert sd == pytest.approx(statistics.stdev(per_run))
     text = (tmp_path / "report.md").read_text()
     row = markdown_table(text, "rpn/trained_anchors_per_image")["all"]
-    assert row["rpn/trained_anchors_per_image"] == "20,000 ± 0.7071 (2)"
+    assert row["rpn/trained_anchors_per_image"] == "20,000 ± 0.71 (2)"
     assert row["rpn/easy_negative_loss_share"] == f"{100 * mean:.2f} ± {100 * sd:.2f} (2)"
     assert "rpn/focal_normalizer" not in row  # no run logged it
     assert (tmp_path / "imbalance.png").is_file()
