@@ -24,7 +24,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
 from .diagnostics import anchor_statistics
-from .losses import sigmoid_focal_loss, softmax_focal_loss
+from .losses import sigmoid_focal_loss
 
 __all__ = ["FocalLossRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "FORMS"]
 
@@ -148,21 +148,22 @@ class FocalLossRPN(RegionProposalNetwork):
             ``(loss_objectness, loss_rpn_box_reg)``, scalars.
         """
         num_images = len(labels)
+        positive_per_image = [lab == 1 for lab in labels]
         # the box loss needs the few positives only: take them per image, not from a copy of all R x 4 targets
-        regression_targets = torch.cat([t[lab == 1] for t, lab in zip(regression_targets, labels)])
-        labels = torch.cat(labels, dim=0)
-        expected = (labels.shape[0], FORMS[self.form])
+        regression_targets = torch.cat([t[pos] for t, pos in zip(regression_targets, positive_per_image)])
+        positive = torch.cat(positive_per_image)
+        negative = torch.cat(labels) == 0
+        expected = (positive.shape[0], FORMS[self.form])
         if tuple(objectness.shape) != expected:
             raise ValueError(f"{self.form} FocalLossRPN expects objectness {expected}, got {tuple(objectness.shape)}")
 
         # at least float32 under autocast: sums over ~1e5 anchors and counts lose digits in bf16 / fp16
         dtype = torch.promote_types(objectness.dtype, torch.float32)
-        objectness = objectness.to(dtype)
-        valid = labels >= 0
-        positive = labels == 1
-        focal_loss = sigmoid_focal_loss if self.form == "sigmoid" else softmax_focal_loss
-        logits = objectness[:, 0] if self.form == "sigmoid" else objectness
-        per_anchor = focal_loss(logits, positive, self.alpha, self.gamma, valid=valid)  # 0 where label is -1
+        # One logit per anchor in both forms: the softmax focal loss is exactly the sigmoid focal loss of
+        # z_obj - z_bg (losses.softmax_focal_loss), so the difference is taken once, for the loss and the stats.
+        logit = object_logit(objectness.to(dtype))
+        valid = positive | negative  # label -1 (between the IoU thresholds): no loss, no gradient
+        per_anchor = sigmoid_focal_loss(logit, positive, self.alpha, self.gamma, valid=valid)
 
         num_pos = positive.count_nonzero()
         normalizer = self.focal_normalizer(num_pos.to(torch.float32))
@@ -177,9 +178,8 @@ class FocalLossRPN(RegionProposalNetwork):
         )
         loss_rpn_box_reg = box_loss / (2 * normalizer)
 
-        negative = labels == 0
         self.stats = anchor_statistics(
-            object_logit(objectness.detach()), negative, per_anchor.detach(), num_positive=num_pos,
+            logit.detach(), negative, per_anchor.detach(), num_positive=num_pos,
             num_negative=negative.count_nonzero(), num_trained=valid.count_nonzero(), num_images=num_images,
             loss_sum=loss_sum.detach(),
         )  # fmt: skip
