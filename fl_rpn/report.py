@@ -325,9 +325,16 @@ def _row_cells(row: dict, names: list[str]) -> list[str]:
 
 
 def markdown(
-    summary: dict, runs: list[Run], metrics: list[str], baseline: str, notes: list[str] = (), plots: list[str] = ()
+    summary: dict,
+    runs: list[Run],
+    metrics: list[str],
+    baseline: str,
+    notes: list[str] = (),
+    plots: list[str] = (),
+    expected_known: bool = True,
 ) -> str:
-    """The report; ``notes`` on the expected jobs go to the runs section, ``plots`` (file names) get captions."""
+    """The report; ``notes`` on the expected jobs go to the runs section (``expected_known``: whether every sweep's
+    expected jobs could be read), ``plots`` (file names) get captions."""
     table = summary["table"]
     lines = [f"Swept keys: {', '.join(summary['swept']) or '(none)'}; arms by {', '.join(summary['arm_keys']) or '-'}.",
              "", *provenance_lines(runs), "", "## Metrics", "",
@@ -367,7 +374,7 @@ def markdown(
     incomplete = [r for r in runs if r.metrics is None]
     started = [r for r in incomplete if not r.status.startswith("not started")]
     never = len(incomplete) - len(started)
-    if not summary.get("expected_known", True):
+    if not expected_known:
         never = f"at least {never}" if never else "unknown"
     lines += ["", "## Runs", "", *notes,
               f"Runs: {len(runs)}, finished: {len(runs) - len(incomplete)}, failed or unfinished: {len(started)}, "
@@ -508,9 +515,9 @@ def report(roots: list[Path], out_dir: Path | None = None, metrics=DEFAULT_METRI
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics)
     summary = summarize_runs(runs, metrics, baseline)
-    summary["not_started"], summary["expected_known"] = missing, known
+    summary["not_started"] = missing
     plots = [p.name for p in plot(summary, metrics, out_dir)]
-    text = markdown(summary, runs, metrics, baseline, notes, plots)
+    text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known)
     (out_dir / "report.md").write_text(text)
     write_csv(out_dir / "runs.csv", runs, metrics, summary["values"])
     write_summary_csv(out_dir / "summary.csv", summary)
