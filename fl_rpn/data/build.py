@@ -31,41 +31,58 @@ from .voc import read_voc
 from .yolo import read_yolo
 
 
-def _read_synthetic(**kwargs: Any):
+def _read_synthetic(train: bool = True, **kwargs: Any):
     images, annotations = ensure_synthetic(**kwargs)
-    return read_coco(images, annotations)
+    return read_coco(images, annotations, train=train)
 
 
-def _read_voc(root: str, sets: list) -> Any:
-    return read_voc(root, [tuple(s) for s in sets])
+def _read_voc(root: str, sets: list, train: bool = True) -> Any:
+    return read_voc(root, [tuple(s) for s in sets], train=train)
 
 
 READERS = {"coco": read_coco, "voc": _read_voc, "yolo": read_yolo, "synthetic": _read_synthetic}
 _SYNTHETIC_KEYS = (set(inspect.signature(ensure_synthetic).parameters) - {"params"}) | (
     set(inspect.signature(make_synthetic_coco).parameters) - {"root", "num_images", "seed"}
 )
+DATA_ROOT_HINT = (
+    "The dataset configs (conf/dataset/*.yaml) put their paths under data_root, which is the FL_RPN_DATA "
+    "environment variable, else ./data: set FL_RPN_DATA or data_root=DIR, or override the dataset's own paths "
+    "(e.g. dataset.train.images=DIR)."
+)
 
 
-def read_dataset(cfg_split: Mapping | DictConfig):
-    """Run the reader a node names; returns ``(records, meta, stats)``."""
+def read_dataset(cfg_split: Mapping | DictConfig, train: bool = True):
+    """Run the reader a node names; returns ``(records, meta, stats)``.
+
+    ``train`` is the split's role, not a config key: ``True`` clips boxes to the image and drops the ones <= 1 px;
+    ``False`` (evaluation) keeps the annotations exactly as the official evaluators read them, and counts those
+    boxes. A missing file or folder (``FileNotFoundError``) says how the paths are set (``DATA_ROOT_HINT``).
+    """
     node = OmegaConf.to_container(cfg_split, resolve=True) if isinstance(cfg_split, DictConfig) else dict(cfg_split)
     fmt = node.pop("format", None)
     if fmt not in READERS:
         raise ValueError(f"Dataset node has format {fmt!r}; expected one of {sorted(READERS)}.")
     reader = READERS[fmt]
-    allowed = _SYNTHETIC_KEYS if fmt == "synthetic" else set(inspect.signature(reader).parameters)
+    allowed = _SYNTHETIC_KEYS if fmt == "synthetic" else set(inspect.signature(reader).parameters) - {"train"}
     unknown = sorted(set(node) - allowed)
     if unknown:
         raise ValueError(f"Dataset node of format {fmt!r} has unknown keys {unknown}; allowed: {sorted(allowed)}.")
-    return reader(**node)
+    try:
+        return reader(**node, train=train)
+    except FileNotFoundError as e:
+        if fmt == "synthetic":
+            raise
+        raise FileNotFoundError(f"{e} {DATA_ROOT_HINT}") from None
 
 
 def build_dataset(cfg_split: Mapping | DictConfig, train: bool, hflip_prob: float = 0.5) -> DetectionDataset:
     """Dataset for one split; training gets a random horizontal flip and drops ignored boxes.
 
-    ``dataset.stats`` keeps the reader's counts (boxes clipped or dropped, empty images, ...).
+    The reader is told the split's role (``read_dataset``): a training split has its boxes clipped and the ones
+    <= 1 px dropped; an evaluation split keeps the annotations as they are. ``dataset.stats`` keeps the reader's
+    counts (boxes clipped, dropped or kept, empty images, ...).
     """
-    records, meta, stats = read_dataset(cfg_split)
+    records, meta, stats = read_dataset(cfg_split, train=train)
     return DetectionDataset(records, meta, transforms=build_transforms(train, hflip_prob), train=train, stats=stats)
 
 

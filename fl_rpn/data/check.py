@@ -19,9 +19,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from PIL import Image
-
-from .dataset import DetectionDataset, read_image
+from .dataset import DetectionDataset, image_size, read_image, size_mismatch
 from .records import ImageRecord
 
 log = logging.getLogger(__name__)
@@ -38,15 +36,13 @@ def check_image(record: ImageRecord, depth: str = "exists") -> str | None:
         return None
     try:
         if depth == "header":
-            with Image.open(file) as im:
-                width, height = im.size
+            width, height = image_size(file)  # as decoded: EXIF orientation applied
         else:
             height, width = read_image(file).shape[1:]
     except (OSError, SyntaxError, ValueError) as e:
         return f"{file}: not a readable image ({e})"
-    if (width, height) != (record.width, record.height):
-        return f"{file}: image is {width}x{height} (WxH) but its annotations say {record.width}x{record.height}"
-    return None
+    problem = size_mismatch(record, width, height)
+    return None if problem is None else f"{file}: image is {problem}"
 
 
 def check_images(records: list[ImageRecord], depth: str = "exists", workers: int | None = None) -> list[str]:
@@ -93,6 +89,19 @@ class SplitReport:
         return "\n".join(lines)
 
 
+def _no_images(stats: dict[str, int]) -> str:
+    """Why a split has no images, as far as the reader's counts tell."""
+    dropped = stats.get("empty_images_dropped", 0)
+    if not dropped:
+        return "the dataset has no images (check its paths, image list or keep_empty)"
+    problem = f"the dataset has no images: all {dropped} were dropped as having no boxes (keep_empty: false)"
+    degenerate = stats.get("degenerate_boxes_dropped", 0)
+    if degenerate:
+        problem += (f", after {degenerate} boxes <= 1 px wide or high were dropped (see the reader's warning above; "
+                    "are the boxes in pixels?)")  # fmt: skip
+    return problem
+
+
 def check_dataset(
     dataset: DetectionDataset, name: str, depth: str = "exists", workers: int | None = None
 ) -> SplitReport:
@@ -108,7 +117,7 @@ def check_dataset(
         stats=dict(getattr(dataset, "stats", {})),
     )
     if not records:
-        report.problems.append("the dataset has no images (check its paths, image list or keep_empty)")
+        report.problems.append(_no_images(report.stats))
     report.problems += check_images(records, depth, workers)
     return report
 

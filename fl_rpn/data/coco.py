@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from pycocotools.coco import COCO
 
-from .records import DatasetMeta, ImageRecord, make_record
+from .records import DatasetMeta, ImageRecord, box_counts, finish_box_stats, make_record
+
+log = logging.getLogger(__name__)
 
 # What every entry must have for detection: (list key, required fields)
 _REQUIRED = {
@@ -30,7 +33,8 @@ def check_coco_json(data: Any, annotations: str | Path) -> None:
     Checks: a JSON object with lists ``images``, ``annotations`` and ``categories``; the required fields of
     every entry (``_REQUIRED``); numeric image sizes and ids; a string ``file_name`` and category ``name``;
     ``bbox`` a list of 4 numbers; ``area`` (when given) a number and ``iscrowd`` 0 or 1; unique image and
-    category ids. Box values (NaN, negative size) are checked per image by ``make_record``.
+    category ids; no ``file_name`` listed under two image ids (the image would be trained twice and its
+    annotations split between the two). Box values (NaN, negative size) are checked per image by ``make_record``.
     """
     where = f"COCO annotation file {annotations}"
     if not isinstance(data, dict):
@@ -75,6 +79,12 @@ def check_coco_json(data: Any, annotations: str | Path) -> None:
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
             raise ValueError(f"{where}: id {dup} appears more than once in '{key}'.")
+    first_id: dict[str, Any] = {}
+    for img in data["images"]:
+        other = first_id.setdefault(img["file_name"], img["id"])
+        if other != img["id"]:
+            raise ValueError(f"{where}: file_name {img['file_name']!r} is listed under two image ids, {other} and "
+                             f"{img['id']}; list each image once, with all its annotations.")  # fmt: skip
 
 
 def load_coco_api(annotations: str | Path) -> COCO:
@@ -95,23 +105,28 @@ def load_coco_api(annotations: str | Path) -> COCO:
 
 
 def read_coco(
-    images: str | Path, annotations: str | Path, keep_empty: bool = True
+    images: str | Path, annotations: str | Path, keep_empty: bool = True, train: bool = True
 ) -> tuple[list[ImageRecord], DatasetMeta, dict[str, int]]:
     """Read a COCO detection json whose ``file_name`` entries are relative to ``images``.
 
-    - ``bbox`` is COCO ``[x, y, w, h]``; records hold ``xyxy`` clipped to the image.
+    - ``bbox`` is COCO ``[x, y, w, h]``; records hold ``xyxy``; ``areas`` the file's own ``area`` (``w * h``
+      where it has none), crowd annotations stay in the record with ``ignore=True``.
     - Category ids (which may have gaps, e.g. 1..90) map to contiguous labels 1..K in increasing id
       order; ``meta.category_ids`` maps back.
-    - Crowd annotations stay in the record with ``ignore=True``.
-    - Boxes reaching outside the image are clipped (counted); boxes whose width or height is <= 1 px after
-      clipping are dropped (counted).
+    - ``train=True``: boxes reaching outside the image are clipped (counted); boxes whose width or height is
+      <= 1 px after clipping are dropped (counted). ``train=False`` (evaluation): every box is kept as in the
+      file, as pycocotools reads it; the same boxes are counted (``make_record``).
     - Images without (remaining) boxes are kept as negatives unless ``keep_empty`` is False.
-    - Errors (``ValueError`` naming the file and entry): not JSON, a missing list or field
-      (``check_coco_json``), a ``category_id`` not in ``categories``, a NaN / infinite coordinate, a negative
-      width or height. Annotations whose ``image_id`` is not in ``images`` are skipped and counted.
+    - Errors (``ValueError`` naming the file and entry): not JSON, a missing list or field, duplicate image ids or
+      file names (``check_coco_json``), a ``category_id`` not in ``categories``, a NaN / infinite coordinate, a
+      negative width or height, boxes that all look normalised to [0, 1] (``finish_box_stats``; a warning when
+      more than half the boxes are <= 1 px). Annotations whose ``image_id`` is not in ``images`` are skipped and
+      counted. Annotation ids used more than once are counted and warned about (all the annotations are read;
+      pycocotools' own index would keep one of them per id).
 
-    Stats: ``annotations``, ``annotations_without_image``, ``crowd_boxes``, ``boxes_clipped``,
-    ``degenerate_boxes_dropped``, ``empty_images``, ``empty_images_dropped``.
+    Stats: ``annotations``, ``annotations_without_image``, ``duplicate_annotation_ids``, ``crowd_boxes``, then
+    ``boxes_clipped`` and ``degenerate_boxes_dropped`` (train) or ``boxes_outside_image`` and
+    ``degenerate_boxes_kept`` (eval), ``empty_images``, ``empty_images_dropped``.
     """
     images = Path(images)
     if not images.is_dir():
@@ -123,15 +138,20 @@ def read_coco(
     label_of = {cid: k + 1 for k, cid in enumerate(cat_ids)}
     meta = DatasetMeta(class_names=[coco.cats[c]["name"] for c in cat_ids], category_ids=cat_ids)
 
+    ann_ids = [a["id"] for a in coco.dataset["annotations"]]
     stats = {
         "annotations": 0,
         "annotations_without_image": sum(len(a) for i, a in coco.imgToAnns.items() if i not in coco.imgs),
+        "duplicate_annotation_ids": len(ann_ids) - len(set(ann_ids)),
         "crowd_boxes": 0,
-        "boxes_clipped": 0,
-        "degenerate_boxes_dropped": 0,
+        **box_counts(train),
         "empty_images": 0,
         "empty_images_dropped": 0,
     }
+    if stats["duplicate_annotation_ids"]:
+        log.warning("COCO annotation file %s: %d annotation(s) reuse an id already taken; all are read, but "
+                    "pycocotools on this file would see one annotation per id.", annotations,
+                    stats["duplicate_annotation_ids"])  # fmt: skip
     records = []
     for img_id in sorted(coco.getImgIds()):
         img = coco.imgs[img_id]
@@ -161,6 +181,7 @@ def read_coco(
             areas=areas,
             source=f"COCO annotation file {annotations}, image_id {img_id}",
             box_names=[f"annotation {ann.get('id')}" for ann in anns],
+            train=train,
         )
         stats["crowd_boxes"] += int(record.ignore.sum())
         if len(record.boxes) == 0:
@@ -169,4 +190,5 @@ def read_coco(
                 stats["empty_images_dropped"] += 1
                 continue
         records.append(record)
+    finish_box_stats(stats, f"COCO annotation file {annotations}")
     return records, meta, stats

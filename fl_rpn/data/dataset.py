@@ -7,31 +7,102 @@ int64 [M] in 1..K.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from .records import DatasetMeta, ImageRecord
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5..8 turn the image by 90 degrees (width and height swap)
+_TORCHVISION_ORIENTED = {"JPEG", "MPO", "PNG"}  # torchvision.io applies the EXIF tag of these (not WebP, GIF)
+_TORCHVISION_FORMATS = _TORCHVISION_ORIENTED | {"GIF", "WEBP"}
+_NO_PIXEL_LIMIT = threading.Lock()
+
+
+def _open_header(file: Path) -> Image.Image:
+    """``PIL.Image.open`` without PIL's decompression-bomb limit, which guards decoding, not reading a header."""
+    try:
+        return Image.open(file)
+    except Image.DecompressionBombError:
+        with _NO_PIXEL_LIMIT:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                return Image.open(file)
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 = upright) that ``read_image`` applies to ``im``'s file, from the header only.
+
+    torchvision.io (JPEG, PNG) reads the EXIF tag itself, and ignores WebP's; PIL (other formats) applies it in
+    ``ImageOps.exif_transpose``, or, for TIFF, while reading (``im.size`` is then already turned).
+    """
+    if im.format in _TORCHVISION_ORIENTED:
+        exif = Image.Exif()
+        if im.info.get("exif"):
+            exif.load(im.info["exif"])
+        return int(exif.get(EXIF_ORIENTATION, 1))
+    if im.format in _TORCHVISION_FORMATS or im.format == "TIFF":  # PIL's TIFF reader reports the turned size
+        return 1
+    return int(im.getexif().get(EXIF_ORIENTATION, 1))
+
+
+def image_size(file: Path, oriented: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of ``file`` as ``read_image`` decodes it (EXIF orientation applied), from its header.
+
+    ``oriented=False``: the stored size, before the orientation. Large images are fine (PIL's
+    ``MAX_IMAGE_PIXELS`` is not applied to a header); a file that is not an image raises what ``PIL.Image.open``
+    raises (an ``OSError``).
+    """
+    with _open_header(file) as im:
+        width, height = im.size
+        if oriented and _orientation(im) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def size_mismatch(record: ImageRecord, width: int, height: int) -> str | None:
+    """None if ``record``'s file, decoded to ``width x height``, has the annotated size; else the mismatch, as
+    ``"30x10 (WxH) but its annotations say 20x10"`` (with a hint when EXIF orientation explains it)."""
+    if (width, height) == (record.width, record.height):
+        return None
+    problem = f"{width}x{height} (WxH) but its annotations say {record.width}x{record.height}"
+    if (height, width) == (record.width, record.height) and image_size(record.file, oriented=False) != (width, height):
+        problem += (
+            " (its size before the 90-degree turn of its EXIF orientation tag, which is applied, as image viewers, "
+            "detectron2 and ultralytics do: annotate the image as displayed, or remove the tag)"
+        )
+    return problem
+
 
 def read_image(file: Path) -> torch.Tensor:
     """Decode ``file`` to uint8 RGB [3, H, W]: torchvision.io (JPEG, PNG, WebP, GIF), else PIL (BMP, TIFF, ...).
 
-    A truncated or non-image file raises ``ValueError`` naming it (``fl-rpn-check-data`` finds them all
-    before a run).
+    The EXIF orientation is applied (torchvision.io for JPEG and PNG, ``ImageOps.exif_transpose`` for PIL's
+    formats), so the pixels are upright as displayed and the size is ``image_size(file)``. A truncated or non-image
+    file, or one too large for PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``; torchvision.io has
+    none), raises ``ValueError`` naming it (``fl-rpn-check-data`` finds them all before a run).
     """
     try:
-        return decode_image(str(file), mode=ImageReadMode.RGB)
+        return decode_image(str(file), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as e:
         error = re.sub(r"^.*?\.cpp:\d+, ", "", str(e))  # drop torchvision's source location
     try:  # a format torchvision.io does not decode, or a corrupt file: PIL decides
         with Image.open(file) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            upright = ImageOps.exif_transpose(im)
+            return torch.from_numpy(np.array(upright.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"Image {file} cannot be decoded: PIL refuses it as a possible decompression bomb ({e}); "
+            "set PIL.Image.MAX_IMAGE_PIXELS higher (or to None) to read it, or convert it to PNG or JPEG."
+        ) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"Image {file} cannot be decoded: {error}; PIL: {e}") from e
 
@@ -73,11 +144,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         if not r.file.is_file():
             raise FileNotFoundError(f"Image {r.file} (image_id {r.image_id}) does not exist.")
         image = read_image(r.file)
-        if tuple(image.shape[1:]) != (r.height, r.width):
-            raise ValueError(
-                f"Image {r.file} is {image.shape[2]}x{image.shape[1]} (WxH) but its annotations say "
-                f"{r.width}x{r.height}."
-            )
+        problem = size_mismatch(r, image.shape[2], image.shape[1])
+        if problem:
+            raise ValueError(f"Image {r.file} is {problem}.")
         keep = ~r.ignore if self.train else slice(None)
         boxes = torch.as_tensor(r.boxes[keep], dtype=torch.float32).reshape(-1, 4)
         target = {

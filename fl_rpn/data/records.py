@@ -6,11 +6,14 @@ Shapes: M boxes in one image; boxes are absolute ``xyxy`` pixels in continuous c
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +76,12 @@ def clip_and_keep(boxes: np.ndarray, width: int, height: int, min_size: float = 
     return clipped, (w > min_size) & (h > min_size)
 
 
+def box_counts(train: bool) -> dict[str, int]:
+    """The zeroed box counts ``make_record`` keeps: what training clips and drops, or what evaluation keeps."""
+    keys = ("boxes_clipped", "degenerate_boxes_dropped") if train else ("boxes_outside_image", "degenerate_boxes_kept")
+    return dict.fromkeys(keys, 0)
+
+
 def make_record(
     file: Path,
     image_id: int,
@@ -86,15 +95,22 @@ def make_record(
     source_id: str | None = None,
     source: str | None = None,
     box_names: list[str] | None = None,
+    train: bool = True,
 ) -> ImageRecord:
-    """Build an ImageRecord from raw xyxy boxes, checking, clipping and dropping them.
+    """Build an ImageRecord from raw xyxy boxes, checking them, and for training clipping and dropping them.
 
     - An image size that is not positive and finite, a box coordinate that is NaN or infinite, or a box with negative
       width or height is an error (``ValueError`` naming ``source``, the annotation file and entry the
       boxes come from, and the box: ``box_names[i]`` when given, e.g. ``"annotation 17"``, else ``box i``);
-    - boxes reaching outside the image are clipped to it and counted in ``stats['boxes_clipped']``;
-    - boxes whose width or height is <= 1 px after clipping (including boxes entirely outside the image)
-      are dropped and counted in ``stats['degenerate_boxes_dropped']``.
+    - ``train=True``: boxes reaching outside the image are clipped to it and counted in ``stats['boxes_clipped']``;
+      boxes whose width or height is <= 1 px after clipping (including boxes entirely outside the image) are dropped
+      and counted in ``stats['degenerate_boxes_dropped']``;
+    - ``train=False`` (evaluation): every box is kept exactly as annotated, as pycocotools and the VOC devkit read
+      the file; the same boxes are counted instead, in ``stats['boxes_outside_image']`` and
+      ``stats['degenerate_boxes_kept']``.
+
+    Two private counters, ``stats['_boxes']`` and ``stats['_unit_boxes']`` (boxes whose every coordinate is <= 1),
+    are for ``finish_box_stats``, which the reader calls once at the end.
     """
     where = source or f"the annotations of image {file}"
 
@@ -112,10 +128,18 @@ def make_record(
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{where}: {name(i)} {raw[i].tolist()} (xyxy) has a negative width or height.")
-    boxes, keep = clip_and_keep(raw, width, height)
-    clipped = (boxes != raw.astype(np.float32)).any(axis=1) & keep
-    stats["boxes_clipped"] = stats.get("boxes_clipped", 0) + int(clipped.sum())
-    stats["degenerate_boxes_dropped"] = stats.get("degenerate_boxes_dropped", 0) + int((~keep).sum())
+    clipped, keep = clip_and_keep(raw, width, height)
+    outside = (clipped != raw.astype(np.float32)).any(axis=1) & keep
+    stats["_boxes"] = stats.get("_boxes", 0) + len(raw)
+    stats["_unit_boxes"] = stats.get("_unit_boxes", 0) + int((np.abs(raw) <= 1).all(axis=1).sum())
+    if train:
+        stats["boxes_clipped"] = stats.get("boxes_clipped", 0) + int(outside.sum())
+        stats["degenerate_boxes_dropped"] = stats.get("degenerate_boxes_dropped", 0) + int((~keep).sum())
+        boxes = clipped
+    else:
+        stats["boxes_outside_image"] = stats.get("boxes_outside_image", 0) + int(outside.sum())
+        stats["degenerate_boxes_kept"] = stats.get("degenerate_boxes_kept", 0) + int((~keep).sum())
+        boxes, keep = raw.astype(np.float32), np.ones(len(raw), dtype=bool)
     return ImageRecord(
         file=Path(file),
         image_id=int(image_id),
@@ -127,3 +151,23 @@ def make_record(
         areas=None if areas is None else np.asarray(areas, dtype=np.float32).reshape(-1)[keep],
         source_id=source_id,
     )
+
+
+def finish_box_stats(stats: dict[str, int], where: str, pixel_boxes: bool = True) -> None:
+    """Close a reader's box counts: pop ``make_record``'s private counters and say when the boxes look wrong.
+
+    - ``pixel_boxes`` (the format stores pixels: COCO, VOC) and every coordinate of every box <= 1: the boxes look
+      normalised to [0, 1] (a common YOLO-export mistake); ``ValueError`` naming ``where`` (the annotation file);
+    - more than half the boxes <= 1 px wide or high: a warning naming ``where``, with the counts.
+    """
+    total, unit = stats.pop("_boxes", 0), stats.pop("_unit_boxes", 0)
+    dropped = stats.get("degenerate_boxes_dropped", 0)
+    degenerate = dropped + stats.get("degenerate_boxes_kept", 0)
+    fate = "dropped for training" if dropped else "kept in the evaluation ground truth"
+    if pixel_boxes and total and unit == total:
+        raise ValueError(
+            f"{where}: every coordinate of all {total} boxes is <= 1, so {degenerate} of them are <= 1 px wide or "
+            "high: the boxes look normalised to [0, 1], but this format stores them in pixels."
+        )
+    if degenerate > total / 2:
+        log.warning("%s: %d of %d boxes are <= 1 px wide or high (%s).", where, degenerate, total, fate)

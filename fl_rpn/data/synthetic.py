@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from torchvision.io import write_png
 
 SHAPES = ["circle", "square", "triangle", "cross", "ring"]
 GENERATOR_VERSION = 1  # bump when the drawing changes, so cached copies are regenerated
+
+log = logging.getLogger(__name__)
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
@@ -194,7 +197,9 @@ def ensure_synthetic(cache_dir: str | Path, split: str, num_images: int, seed: i
     a temporary folder and renamed into place, so a half-written split is never reused and two
     processes generating at once both end up with one complete copy. The split name is mixed into
     the seed, so ``train`` and ``val`` differ even when given the same ``seed``.
-    ``params`` go to ``make_synthetic_coco``.
+    ``params`` go to ``make_synthetic_coco``. Folders and files are created with the process's umask, like any
+    other (a cache shared by several users needs a umask that lets them in, e.g. 002 with a common group); the
+    split's path is logged.
     """
     if "image_size" in params:
         params["image_size"] = [int(s) for s in params["image_size"]]
@@ -203,9 +208,13 @@ def ensure_synthetic(cache_dir: str | Path, split: str, num_images: int, seed: i
         sort_keys=True,
     )
     final = Path(cache_dir).expanduser() / f"synthetic-{hashlib.sha1(key.encode()).hexdigest()[:10]}" / split
-    if not final.is_dir():
+    if final.is_dir():
+        log.info("synthetic %s split: %s (cached)", split, final)
+    else:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=final.parent))
+        tmp = final.parent / f".{split}-{os.getpid()}-{secrets.token_hex(4)}"  # not mkdtemp, which makes it 0700
+        tmp.mkdir()
+        log.info("synthetic %s split: generating %d images in %s", split, num_images, final)
         try:
             make_synthetic_coco(tmp, num_images, zlib.crc32(f"{split}/{seed}".encode()), **params)
             os.rename(tmp, final)

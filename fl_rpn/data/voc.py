@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from .records import DatasetMeta, ImageRecord, make_record
+from .records import DatasetMeta, ImageRecord, box_counts, finish_box_stats, make_record
+
+log = logging.getLogger(__name__)
 
 VOC_CLASSES = [
     "aeroplane",
@@ -88,6 +91,7 @@ def read_voc(
     root: str | Path,
     year: str | int | Sequence[tuple[str | int, str]] = "2007",
     split: str = "trainval",
+    train: bool = True,
 ) -> tuple[list[ImageRecord], DatasetMeta, dict[str, int]]:
     """Read ``root/VOC<year>/ImageSets/Main/<split>.txt`` with its ``Annotations/`` and ``JPEGImages/``.
 
@@ -96,28 +100,38 @@ def read_voc(
     ``difficult`` objects are kept with ``ignore=True``. ``image_id`` is a running index over all
     sets; ``source_id`` keeps the VOC id (e.g. ``"000005"``). Coordinates: see ``parse_voc_xml``.
 
-    An XML without ``<object>`` is a negative image (kept, counted in ``empty_images``). Boxes reaching outside
-    ``<size>`` are clipped (counted), boxes <= 1 px dropped (counted). Errors (``ValueError`` naming the XML
-    file and the object): invalid XML, a missing ``<size>``, ``<name>`` or ``<bndbox>`` field, a size, coordinate or
-    ``<difficult>`` flag that is not a number, a NaN or infinite size or coordinate, an unknown class, ``xmax < xmin``
-    or ``ymax < ymin``.
+    An XML without ``<object>`` is a negative image (kept, counted in ``empty_images``). ``train=True``: boxes
+    reaching outside ``<size>`` are clipped (counted), boxes <= 1 px dropped (counted); ``train=False``
+    (evaluation): every box is kept as annotated, as the devkit's ``voc_eval`` reads it, and the same boxes are
+    counted (``make_record``). An id listed again (in the same list or another set) is read once; the repeats
+    are skipped and counted. The image lists may start with a UTF-8 byte-order mark. Errors (``ValueError``
+    naming the XML file and the object): invalid XML, a missing ``<size>``, ``<name>`` or ``<bndbox>`` field, a
+    size, coordinate or ``<difficult>`` flag that is not a number, a NaN or infinite size or coordinate, an unknown
+    class, ``xmax < xmin`` or ``ymax < ymin``.
 
-    Stats: ``difficult_boxes``, ``boxes_clipped``, ``degenerate_boxes_dropped``, ``empty_images``.
+    Stats: ``difficult_boxes``, ``boxes_clipped`` and ``degenerate_boxes_dropped`` (train) or
+    ``boxes_outside_image`` and ``degenerate_boxes_kept`` (eval), ``empty_images``, ``duplicate_ids_skipped``.
     """
     root = Path(root)
     sets = [(str(year), split)] if isinstance(year, str | int) else [(str(y), str(s)) for y, s in year]
-    stats = {"difficult_boxes": 0, "boxes_clipped": 0, "degenerate_boxes_dropped": 0, "empty_images": 0}
+    stats = {"difficult_boxes": 0, **box_counts(train), "empty_images": 0, "duplicate_ids_skipped": 0}
     records: list[ImageRecord] = []
+    seen: set[tuple[str, str]] = set()
     for y, s in sets:
         base = root / f"VOC{y}"
         list_file = base / "ImageSets" / "Main" / f"{s}.txt"
         if not list_file.is_file():
             raise FileNotFoundError(f"VOC image list {list_file} does not exist.")
         try:
-            names = list_file.read_text().split()
+            names = list_file.read_text(encoding="utf-8-sig").split()  # -sig: a BOM (Windows editors) is dropped
         except UnicodeDecodeError as e:
             raise ValueError(f"VOC image list {list_file} is not UTF-8 text: {e}") from e
+        repeats = 0
         for name in names:
+            if (y, name) in seen:
+                repeats += 1
+                continue
+            seen.add((y, name))
             xml_file = base / "Annotations" / f"{name}.xml"
             if not xml_file.is_file():
                 raise FileNotFoundError(f"VOC annotation {xml_file} (listed in {list_file}) does not exist.")
@@ -134,9 +148,16 @@ def read_voc(
                 source_id=name,
                 source=f"VOC annotation {xml_file}",
                 box_names=[f"object {i} ({VOC_CLASSES[k - 1]})" for i, k in enumerate(labels)],
+                train=train,
             )
             stats["difficult_boxes"] += int(record.ignore.sum())
             stats["empty_images"] += int(len(record.boxes) == 0)
             records.append(record)
+        if repeats:
+            log.warning("VOC image list %s: %d id(s) listed before are skipped (each image is read once).",
+                        list_file, repeats)  # fmt: skip
+        stats["duplicate_ids_skipped"] += repeats
+    lists = ", ".join(str(root / f"VOC{y}" / "ImageSets" / "Main" / f"{s}.txt") for y, s in sets)
+    finish_box_stats(stats, f"VOC image list(s) {lists}")
     meta = DatasetMeta(class_names=list(VOC_CLASSES), category_ids=list(range(1, len(VOC_CLASSES) + 1)))
     return records, meta, stats

@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
-from PIL import Image
 
-from .records import DatasetMeta, ImageRecord, make_record
+from .dataset import image_size
+from .records import DatasetMeta, ImageRecord, box_counts, finish_box_stats, make_record
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -151,7 +151,7 @@ def _category_ids(category_ids: Sequence[int] | Mapping[int, int] | str | None, 
 def _read_label_file(path: Path, width: int, height: int, k: int) -> tuple[list[list[float]], list[int]]:
     boxes, labels = [], []
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"YOLO label file {path} is not UTF-8 text: {e}") from e
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -161,10 +161,14 @@ def _read_label_file(path: Path, width: int, height: int, k: int) -> tuple[list[
         if len(fields) != 5:
             raise ValueError(f"YOLO label file {path}, line {line_no}: expected 'cls cx cy w h', got {line!r}.")
         try:
-            cls = int(fields[0])
+            cls_value = float(fields[0])  # some exporters write the class as "0.0"
             cx, cy, w, h = (float(f) for f in fields[1:])
         except ValueError as e:
             raise ValueError(f"YOLO label file {path}, line {line_no}: cannot parse {line!r}.") from e
+        if not cls_value.is_integer():
+            raise ValueError(f"YOLO label file {path}, line {line_no}: cannot parse {line!r}: the class "
+                             f"{fields[0]} is not a whole number.")  # fmt: skip
+        cls = int(cls_value)
         if not 0 <= cls < k:
             raise ValueError(f"YOLO label file {path}, line {line_no}: class {cls} is outside 0..{k - 1}.")
         if not all(0 <= v <= 1 for v in (cx, cy, w, h)):  # also False for NaN
@@ -181,24 +185,29 @@ def read_yolo(
     labels: str | Path,
     names: str | Path | Sequence[str] | Mapping[int, str],
     category_ids: Sequence[int] | Mapping[int, int] | str | None = None,
+    train: bool = True,
 ) -> tuple[list[ImageRecord], DatasetMeta, dict[str, int]]:
-    """Read every image in the folder ``images`` with its labels ``labels/<stem>.txt``.
+    """Read every image under the folder ``images`` (sub-folders included) with its labels.
 
-    Normalised ``cx cy w h`` become absolute ``xyxy`` using each image's real size (read from the file
-    header only). An image without a label file, or with an empty one, is a negative image. YOLO class
-    ``c`` becomes label ``c + 1``; K is ``len(names)`` whether or not every class occurs.
-    ``category_ids`` maps class index -> the id evaluation should report (a list, a dict, or
-    ``"coco80"`` for ``COCO80_TO_COCO91``); by default ``1..K``. ``image_id`` is a running index in
-    file-name order; ``source_id`` is the file stem.
+    The labels of ``images/<sub>/<stem>.<ext>`` are ``labels/<sub>/<stem>.txt`` (ultralytics' layout). Normalised
+    ``cx cy w h`` become absolute ``xyxy`` using each image's size as decoded (from the file header, with its EXIF
+    orientation applied, as ultralytics does; so are the pixels, ``read_image``). An image without a label file,
+    or with an empty one, is a negative image. YOLO class ``c`` (``c`` or ``c.0``) becomes label ``c + 1``; K is
+    ``len(names)`` whether or not every class occurs. ``category_ids`` maps class index -> the id evaluation
+    should report (a list, a dict, or ``"coco80"`` for ``COCO80_TO_COCO91``); by default ``1..K``.
+    ``image_id`` is a running index in path order; ``source_id`` is the path under ``images`` without its suffix
+    (the stem for an image at the top).
 
     Errors (``ValueError`` naming the file, and the line for labels): a data yaml that is not YAML or whose
-    ``names`` is not a list or an ``{index: name}`` dict, an image file PIL cannot identify, a label file that is
-    not UTF-8 text, a label line without exactly 5 fields, a class outside ``0..K-1``, ``cx cy w h`` outside
-    [0, 1] or NaN.
-    Boxes reaching past the image border are clipped (counted), boxes <= 1 px dropped (counted).
+    ``names`` is not a list or an ``{index: name}`` dict, an image file PIL cannot identify, two images that
+    would share a label file (``a.jpg`` and ``a.png``), a label file that is not UTF-8 text (a BOM is fine), a
+    label line without exactly 5 fields, a class that is not a whole number or is outside ``0..K-1``,
+    ``cx cy w h`` outside [0, 1] or NaN.
+    ``train=True``: boxes reaching past the image border are clipped (counted), boxes <= 1 px dropped (counted);
+    ``train=False``: kept as labelled, and counted (``make_record``).
 
-    Stats: ``missing_label_files``, ``empty_images``, ``boxes_clipped``, ``degenerate_boxes_dropped``,
-    ``label_files_without_image``.
+    Stats: ``missing_label_files``, ``empty_images``, ``boxes_clipped`` and ``degenerate_boxes_dropped`` (train)
+    or ``boxes_outside_image`` and ``degenerate_boxes_kept`` (eval), ``label_files_without_image``.
     """
     images, labels = Path(images), Path(labels)
     for folder in (images, labels):
@@ -206,27 +215,34 @@ def read_yolo(
             raise FileNotFoundError(f"YOLO folder {folder} does not exist.")
     class_names = load_yolo_names(names)
     meta = DatasetMeta(class_names=class_names, category_ids=_category_ids(category_ids, len(class_names)))
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    stats = {"missing_label_files": 0, "empty_images": 0, "boxes_clipped": 0, "degenerate_boxes_dropped": 0}
+    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    image_of: dict[Path, Path] = {}  # label path under labels/ -> its image
+    for file in files:
+        key = file.relative_to(images).with_suffix(".txt")
+        other = image_of.setdefault(key, file)
+        if other != file:
+            raise ValueError(f"YOLO images {other} and {file} would share the label file {labels / key}; "
+                             "rename one of them.")  # fmt: skip
+    stats = {"missing_label_files": 0, "empty_images": 0, **box_counts(train)}
     records = []
     for image_id, file in enumerate(files):
         try:
-            with Image.open(file) as im:  # reads the header only
-                width, height = im.size
+            width, height = image_size(file)
         except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"YOLO image {file} is not a readable image ({type(e).__name__}: {e}).") from e
-        label_file = labels / f"{file.stem}.txt"
+        relative = file.relative_to(images)
+        label_file = labels / relative.with_suffix(".txt")
         boxes, classes = [], []
         if label_file.is_file():
             boxes, classes = _read_label_file(label_file, width, height, len(class_names))
         else:
             stats["missing_label_files"] += 1
         record = make_record(
-            file, image_id, width, height, boxes, classes, [False] * len(boxes), stats, source_id=file.stem,
-            source=f"YOLO image {file}",
+            file, image_id, width, height, boxes, classes, [False] * len(boxes), stats,
+            source_id=relative.with_suffix("").as_posix(), source=f"YOLO image {file}", train=train,
         )  # fmt: skip
         stats["empty_images"] += int(len(record.boxes) == 0)
         records.append(record)
-    stems = {f.stem for f in files}
-    stats["label_files_without_image"] = sum(p.stem not in stems for p in labels.glob("*.txt"))
+    stats["label_files_without_image"] = sum(p.relative_to(labels) not in image_of for p in labels.rglob("*.txt"))
+    finish_box_stats(stats, f"YOLO labels {labels}", pixel_boxes=False)
     return records, meta, stats

@@ -15,6 +15,7 @@ def test_read_coco_exact(coco_files):
     assert stats == {
         "annotations": 5,
         "annotations_without_image": 0,
+        "duplicate_annotation_ids": 0,
         "crowd_boxes": 1,
         "boxes_clipped": 1,  # [35, 25, 10, 10] in a 40x30 image
         "degenerate_boxes_dropped": 1,
@@ -35,6 +36,18 @@ def test_read_coco_exact(coco_files):
     np.testing.assert_array_equal(b.boxes, [[1, 1, 5, 3]])
     np.testing.assert_array_equal(b.labels, [2])
     assert empty.boxes.shape == (0, 4) and empty.labels.shape == (0,) and empty.ignore.shape == (0,)
+
+
+def test_read_coco_for_evaluation_keeps_every_box_as_in_the_file(coco_files):
+    # The 0.5 px wide box and the box crossing the border stay as annotated (pycocotools reads them so), counted.
+    records, _, stats = read_coco(*coco_files, train=False)
+    assert stats["boxes_outside_image"] == 1 and stats["degenerate_boxes_kept"] == 1
+    assert "boxes_clipped" not in stats and "degenerate_boxes_dropped" not in stats
+    a = records[2]
+    np.testing.assert_array_equal(a.boxes, [[2, 3, 12, 8], [0, 0, 20, 20], [5, 5, 5.5, 15], [35, 25, 45, 35]])
+    np.testing.assert_array_equal(a.labels, [1, 3, 2, 2])
+    np.testing.assert_array_equal(a.ignore, [False, True, False, False])
+    np.testing.assert_array_equal(a.areas, [40.5, 123.0, 5.0, 100.0])
 
 
 def test_read_coco_drops_empty_images(coco_files):

@@ -41,7 +41,13 @@ def test_read_voc_exact(tmp_path, image_writer):
 
     assert meta.class_names == VOC_CLASSES and len(VOC_CLASSES) == 20
     assert meta.category_ids == list(range(1, 21))
-    assert stats == {"difficult_boxes": 1, "boxes_clipped": 0, "degenerate_boxes_dropped": 0, "empty_images": 1}
+    assert stats == {
+        "difficult_boxes": 1,
+        "boxes_clipped": 0,
+        "degenerate_boxes_dropped": 0,
+        "empty_images": 1,
+        "duplicate_ids_skipped": 0,
+    }
     first, second = records
     assert (first.image_id, first.source_id, first.width, first.height) == (0, "000001", 50, 40)
     assert first.file == tmp_path / "VOC2007" / "JPEGImages" / "000001.jpg"
