@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ READERS = {"coco": read_coco, "voc": _read_voc, "yolo": read_yolo, "synthetic": 
 _SYNTHETIC_KEYS = (set(inspect.signature(ensure_synthetic).parameters) - {"params"}) | (
     set(inspect.signature(make_synthetic_coco).parameters) - {"root", "num_images", "seed"}
 )
+_PATH_KEYS = {"images", "annotations", "root", "labels", "names"}  # the readers' path arguments
 DATA_ROOT_HINT = (
     "The dataset configs (conf/dataset/*.yaml) put their paths under data_root, which is the FL_RPN_DATA "
     "environment variable, else ./data: set FL_RPN_DATA or data_root=DIR, or override the dataset's own paths "
@@ -56,7 +58,8 @@ def read_dataset(cfg_split: Mapping | DictConfig, train: bool = True):
 
     ``train`` is the split's role, not a config key: ``True`` clips boxes to the image and drops the ones <= 1 px;
     ``False`` (evaluation) keeps the annotations exactly as the official evaluators read them, and counts those
-    boxes. A missing file or folder (``FileNotFoundError``) says how the paths are set (``DATA_ROOT_HINT``).
+    boxes. A configured file or folder that is missing (``FileNotFoundError``) says how the paths are set
+    (``DATA_ROOT_HINT``).
     """
     node = OmegaConf.to_container(cfg_split, resolve=True) if isinstance(cfg_split, DictConfig) else dict(cfg_split)
     fmt = node.pop("format", None)
@@ -70,8 +73,8 @@ def read_dataset(cfg_split: Mapping | DictConfig, train: bool = True):
     try:
         return reader(**node, train=train)
     except FileNotFoundError as e:
-        if fmt == "synthetic":
-            raise
+        if not any(k in _PATH_KEYS and not Path(v).exists() for k, v in node.items()):
+            raise  # a file inside the dataset (a VOC XML, ...), not one of its configured paths
         raise FileNotFoundError(f"{e} {DATA_ROOT_HINT}") from None
 
 

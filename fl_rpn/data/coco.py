@@ -122,7 +122,7 @@ def read_coco(
       negative width or height, boxes that all look normalised to [0, 1] (``finish_box_stats``; a warning when
       more than half the boxes are <= 1 px). Annotations whose ``image_id`` is not in ``images`` are skipped and
       counted. Annotation ids used more than once are counted and warned about (all the annotations are read;
-      pycocotools' own index would keep one of them per id).
+      pycocotools' own index keeps the last one per id).
 
     Stats: ``annotations``, ``annotations_without_image``, ``duplicate_annotation_ids``, ``crowd_boxes``, then
     ``boxes_clipped`` and ``degenerate_boxes_dropped`` (train) or ``boxes_outside_image`` and
@@ -149,9 +149,9 @@ def read_coco(
         "empty_images_dropped": 0,
     }
     if stats["duplicate_annotation_ids"]:
-        log.warning("COCO annotation file %s: %d annotation(s) reuse an id already taken; all are read, but "
-                    "pycocotools on this file would see one annotation per id.", annotations,
-                    stats["duplicate_annotation_ids"])  # fmt: skip
+        log.warning("COCO annotation file %s: %d annotation(s) reuse an id already taken; all are read here, but "
+                    "pycocotools scoring this file itself reads the last annotation of each repeated id in place "
+                    "of the others.", annotations, stats["duplicate_annotation_ids"])  # fmt: skip
     records = []
     for img_id in sorted(coco.getImgIds()):
         img = coco.imgs[img_id]

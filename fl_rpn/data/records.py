@@ -21,9 +21,9 @@ class ImageRecord:
     """One image and its annotations.
 
     ``boxes`` float32 [M, 4] xyxy (clipped to the image, degenerate ones dropped, when read for training; as
-    annotated when read for evaluation: ``make_record``); ``labels`` int64 [M] in 1..K; ``ignore`` bool [M] marks COCO crowd
-    regions and VOC ``difficult`` objects, which stay out of the training loss and are ignored by the
-    evaluators; ``areas`` float32 [M] is COCO's own ``area`` (the object's segment area, which decides
+    annotated when read for evaluation: ``make_record``); ``labels`` int64 [M] in 1..K; ``ignore`` bool [M]
+    marks COCO crowd regions and VOC ``difficult`` objects, which stay out of the training loss and are ignored
+    by the evaluators; ``areas`` float32 [M] is COCO's own ``area`` (the object's segment area, which decides
     APs/APm/APl) when the source has one, else None; ``source_id`` is the dataset's own image name
     (VOC id, YOLO stem) when it has one.
     """

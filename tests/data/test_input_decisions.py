@@ -39,7 +39,7 @@ def test_coco_duplicate_annotation_ids_are_counted_and_all_read(coco_files, capl
     with caplog.at_level(logging.WARNING):
         records, _, stats = read_coco(images, annotations)
     assert stats["duplicate_annotation_ids"] == 1
-    assert "instances.json: 1 annotation(s) reuse an id" in caplog.text
+    assert "instances.json: 1 annotation(s) reuse an id already taken; all are read here" in caplog.text
     b, a = records[1], records[2]
     np.testing.assert_array_equal(b.boxes, [[1, 1, 5, 3]])  # both annotations with id 1 are read
     np.testing.assert_array_equal(a.boxes[0], [2, 3, 12, 8])
@@ -89,6 +89,11 @@ def test_missing_coco_folder_says_how_data_root_is_set(tmp_path):
     (tmp_path / "data/coco/train2017").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"COCO annotation file .*x does not exist\. .*FL_RPN_DATA"):
         read_dataset(node)
+    # A file inside the dataset, not a configured path: no hint.
+    list_file = write_voc_set(tmp_path / "voc", ["000001"])
+    list_file.write_text("000001\n000404\n")
+    with pytest.raises(FileNotFoundError, match=r"000404\.xml \(listed in .*trainval\.txt\) does not exist\.$"):
+        read_dataset({"format": "voc", "root": str(tmp_path / "voc"), "sets": [[2007, "trainval"]]})
 
 
 # --- VOC -----------------------------------------------------------------------------------------------------
