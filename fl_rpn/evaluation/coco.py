@@ -5,7 +5,9 @@ label ``k`` ↔ ``category_ids[k - 1]``; a target's ``ignore`` flag becomes ``is
 or VOC ``difficult`` when VOC is scored this way), so matching one is neither a hit nor a false
 positive and missing one is not a miss; ``area`` is the target's own COCO ``area`` when given (it
 decides small / medium / large), else the box area. Images without ground truth still count: their
-detections are false positives.
+detections are false positives. The readers hand evaluation the boxes, ``iscrowd`` and ``area`` exactly as
+in the file (nothing clipped or dropped), so the numbers are pycocotools' on that file
+(``tests/evaluation/test_reader_vs_official.py``).
 
 Returned values are fractions in [0, 1]. Where pycocotools has nothing to average (no ground truth
 in an area range, e.g. no large objects) it returns -1; we return ``nan`` instead so that a mean over

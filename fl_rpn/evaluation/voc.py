@@ -14,7 +14,9 @@ and height. Our VOC reader, like detectron2's, subtracts 1 from ``xmin`` and ``y
 giving continuous 0-based ``xyxy`` boxes. For such boxes the devkit's "+1" IoU equals the plain
 continuous IoU (``torchvision.ops.box_iou``) exactly, which is what we compute: numbers match the
 devkit and detectron2 as long as boxes come from such a reader (and detections are in the same
-coordinates).
+coordinates). For evaluation the readers keep every box as annotated (neither clipped to the image
+nor dropped when <= 1 px, which is training-only), so the ground truth is the devkit's own
+(``tests/evaluation/test_reader_vs_official.py`` scores the same XML files both ways).
 
 Values are fractions in [0, 1]. A class without non-difficult ground truth has AP ``nan`` and is
 left out of the mean (``nan`` if no class has ground truth).

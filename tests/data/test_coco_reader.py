@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fl_rpn.data import read_coco
+from fl_rpn.data import build_dataset, check_dataset, read_coco
 
 
 def test_read_coco_exact(coco_files):
@@ -48,6 +48,10 @@ def test_read_coco_for_evaluation_keeps_every_box_as_in_the_file(coco_files):
     np.testing.assert_array_equal(a.labels, [1, 3, 2, 2])
     np.testing.assert_array_equal(a.ignore, [False, True, False, False])
     np.testing.assert_array_equal(a.areas, [40.5, 123.0, 5.0, 100.0])
+    # fl-rpn-check-data and train.log report them.
+    node = {"format": "coco", "images": str(coco_files[0]), "annotations": str(coco_files[1])}
+    summary = check_dataset(build_dataset(node, train=False), "dataset.val").summary()
+    assert "reader counts: annotations=5, crowd_boxes=1, boxes_outside_image=1, degenerate_boxes_kept=1," in summary
 
 
 def test_read_coco_drops_empty_images(coco_files):
