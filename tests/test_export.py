@@ -47,15 +47,23 @@ def write_checkpoint(tmp_path, cfg, model):
     return path
 
 
-def assert_same_detections(a, b, atol=1e-4):
-    """``a``, ``b``: per image dicts of ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D]; returns the max abs diffs."""
-    diffs = {"boxes": 0.0, "scores": 0.0}
+def assert_same_detections(a, b, box_atol=1e-4, score_atol=1e-5):
+    """``a``, ``b``: per image dicts of ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D]. The same detections as
+    sets: each of ``a`` has one in ``b`` (and back) with the same label, the score within ``score_atol`` and every
+    box coordinate within ``box_atol`` pixels; near-equal scores may come in either order (NMS order). Returns the
+    largest differences of the matched pairs."""
+    worst = {"boxes": 0.0, "scores": 0.0}
     for x, y in zip(a, b, strict=True):
-        assert len(x["boxes"]) > 0 and x["labels"].tolist() == y["labels"].tolist()
-        for k in diffs:
-            torch.testing.assert_close(x[k], y[k], rtol=0, atol=atol)
-            diffs[k] = max(diffs[k], (x[k] - y[k]).abs().max().item())
-    return diffs
+        assert len(x["boxes"]) > 0 and len(x["boxes"]) == len(y["boxes"])
+        box = (x["boxes"][:, None] - y["boxes"][None]).abs().amax(-1)  # [D, D]
+        score = (x["scores"][:, None] - y["scores"][None]).abs()
+        close = (x["labels"][:, None] == y["labels"][None]) & (box <= box_atol) & (score <= score_atol)
+        assert close.any(1).all() and close.any(0).all(), f"{int((~close.any(1)).sum())} detections unmatched"
+        match = torch.where(close, box, torch.inf).argmin(1)
+        rows = torch.arange(len(match))
+        worst["boxes"] = max(worst["boxes"], box[rows, match].max().item())
+        worst["scores"] = max(worst["scores"], score[rows, match].max().item())
+    return worst
 
 
 def assert_same_proposals(a, b):
@@ -92,15 +100,16 @@ def test_exported_model_gives_the_same_proposals_and_detections_eager_and_script
     assert isinstance(model.rpn, FocalLossRPN)  # the original is left as it was
     images = random_images()
     ours, theirs = predict(model, images), predict(exported, images)
-    diffs = assert_same_detections(ours, theirs)
+    assert_same_detections(ours, theirs)
     assert_same_proposals(ours, theirs)
-    if rpn == "focal_sigmoid":  # the head is torchvision's already: bit-identical
-        assert diffs == {"boxes": 0.0, "scores": 0.0}
+    if rpn == "focal_sigmoid":  # the head is torchvision's already, the same operations in the same order
+        for x, y in zip(ours, theirs):
+            assert all(torch.equal(x[k], y[k]) for k in ("boxes", "scores", "labels", "proposals"))
 
     scripted = torch.jit.script(exported)
     with torch.no_grad():
         _, detections = scripted(images)  # a scripted GeneralizedRCNN returns (losses, detections)
-    assert_same_detections(theirs, detections, atol=1e-5)
+    assert_same_detections(theirs, detections)
 
     # the state dict loads into torchvision's own constructor, given the backbone, num_classes and the anchors
     settings = json.loads(json.dumps(torchvision_settings(exported)))  # what model.json holds
@@ -116,7 +125,7 @@ def test_exported_model_gives_the_same_proposals_and_detections_eager_and_script
         **settings["kwargs"],
     )
     rebuilt.load_state_dict(exported.state_dict())
-    assert_same_detections(theirs, predict(rebuilt.eval(), images), atol=0)
+    assert_same_detections(theirs, predict(rebuilt.eval(), images), box_atol=0, score_atol=0)
 
 
 def test_r50_export_rebuilds_with_torchvisions_builder_alone(compose_cfg, tmp_path):
@@ -139,7 +148,8 @@ def test_r50_export_rebuilds_with_torchvisions_builder_alone(compose_cfg, tmp_pa
 
 
 def test_onnx_export_runs_and_onnxruntime_gives_the_same_detections(compose_cfg, tmp_path):
-    """Traced at 120 x 160, run by onnxruntime at that size and another; same detections within 1e-3 px / 1e-4."""
+    """Traced at 120 x 160, run by onnxruntime at that size and another: the same detections within 1e-3 pixels
+    and 1e-4 in score (measured: 3e-5 and 1e-6)."""
     onnx = pytest.importorskip("onnx")
     cfg, model = random_model(compose_cfg, "rpn=focal_softmax")
     path = export_checkpoint(write_checkpoint(tmp_path, cfg, model), "onnx", tmp_path / "deploy", 17, (120, 160))
@@ -150,11 +160,9 @@ def test_onnx_export_runs_and_onnxruntime_gives_the_same_detections(compose_cfg,
     exported = export_torchvision(model)
     for image in random_images(2):
         boxes, labels, scores = session.run(None, {"image": image.numpy()})
-        (expected,) = predict(exported, [image])
+        (expected,) = predict(exported, [image])  # one image at a time: a batch pads the smaller image
         got = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "scores": torch.from_numpy(scores)}
-        assert len(expected["boxes"]) > 0 and got["labels"].tolist() == expected["labels"].tolist()
-        torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-3)
-        torch.testing.assert_close(got["scores"], expected["scores"], rtol=0, atol=1e-4)
+        assert_same_detections([expected], [got], box_atol=1e-3, score_atol=1e-4)
 
 
 def test_export_refuses_what_it_cannot_convert():
