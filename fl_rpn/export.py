@@ -37,7 +37,7 @@ def fold_objectness(cls_logits: nn.Conv2d) -> nn.Conv2d:
     """The ``[N, A, Hi, Wi]`` object-minus-background logit layer of a ``[N, 2A, Hi, Wi]`` two-logit one."""
     two_a = cls_logits.out_channels
     if two_a % 2:
-        raise ValueError(f"a two-logit objectness layer has an even number of channels, got {two_a}")
+        raise ValueError(f"a two-logit objectness layer needs an even number of channels, got {two_a}")
     folded = nn.Conv2d(cls_logits.in_channels, two_a // 2, kernel_size=cls_logits.kernel_size)
     folded.to(cls_logits.weight.device, cls_logits.weight.dtype)
     with torch.no_grad():

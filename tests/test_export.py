@@ -7,12 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
+from torchvision.models.detection import FasterRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from fl_rpn import export_torchvision
+from fl_rpn import export_torchvision, use_focal_rpn
 from fl_rpn.engine.checkpoint import save_checkpoint
 from fl_rpn.engine.evaluate import predict
 from fl_rpn.export import export_checkpoint, fold_objectness, torchvision_settings
@@ -163,6 +163,21 @@ def test_onnx_export_runs_and_onnxruntime_gives_the_same_detections(compose_cfg,
         (expected,) = predict(exported, [image])  # one image at a time: a batch pads the smaller image
         got = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "scores": torch.from_numpy(scores)}
         assert_same_detections([expected], [got], box_atol=1e-3, score_atol=1e-4)
+
+
+def test_any_generalized_rcnn_through_use_focal_rpn_exports(compose_cfg):
+    """Mask R-CNN with the softmax focal RPN: still a ``MaskRCNN``, with torchvision's RPN, the same detections."""
+    small = {"min_size": 128, "max_size": 160, "box_detections_per_img": 10, "rpn_post_nms_top_n_test": 200}
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3, **small)
+    model = use_focal_rpn(model, form="softmax").eval()
+    with torch.no_grad():
+        nn.init.normal_(model.rpn.head.cls_logits.weight, std=0.3)
+    exported = export_torchvision(model)
+    assert type(exported) is MaskRCNN and type(exported.rpn) is RegionProposalNetwork
+    images = random_images(3)[:1]
+    ours, theirs = predict(model, images), predict(exported, images)
+    assert_same_detections(ours, theirs)
+    assert_same_proposals(ours, theirs)
 
 
 def test_export_refuses_what_it_cannot_convert():
