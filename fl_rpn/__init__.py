@@ -1,5 +1,8 @@
 """fl-rpn: Focal Loss for Region Proposal Network (Chen, Song, Jiang, PRCV 2018) on torchvision."""
 
+__version__ = "0.1.0"  # the one place the version is set (pyproject reads it)
+
+from .export import export_torchvision
 from .losses import objectness_probability, sigmoid_focal_loss, softmax_focal_loss
 from .model import build_model
 from .rpn import FocalLossRPN, TwoLogitRPNHead, init_objectness_prior, use_focal_rpn
@@ -8,10 +11,10 @@ __all__ = [
     "FocalLossRPN",
     "TwoLogitRPNHead",
     "build_model",
+    "export_torchvision",
     "init_objectness_prior",
     "objectness_probability",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
     "use_focal_rpn",
 ]
-__version__ = "0.1.0"

@@ -1,11 +1,30 @@
-"""Where the Hydra config lives, and composing it outside a Hydra app (tests, notebooks, scripts)."""
+"""Where the Hydra config lives, and composing it outside a Hydra app (tests, notebooks, scripts).
+
+The configs are kept in ``conf/`` at the top of the repository. A built wheel carries a copy of them as
+package data, ``fl_rpn/conf`` (``pyproject.toml`` maps ``conf`` there); a checkout or an editable install
+reads the top-level ``conf/`` directly.
+"""
 
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def find_conf_dir(package_dir: Path = PACKAGE_DIR) -> Path:
+    """``<package>/conf`` in an installed wheel, else ``<checkout>/conf`` beside the package."""
+    for candidate in (package_dir / "conf", package_dir.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"fl-rpn's configs are missing: neither {package_dir / 'conf'} (installed package) nor "
+        f"{package_dir.parent / 'conf'} (checkout) holds train.yaml; reinstall fl-rpn"
+    )
+
+
+CONF_DIR = find_conf_dir()
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:

@@ -1,7 +1,8 @@
-"""Where a number came from: commit, hardware, software, command, seed, dataset and schedule."""
+"""Where a number came from: package version, commit, hardware, software, command, seed, dataset and schedule."""
 
 import os
 import platform
+import re
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -12,23 +13,51 @@ import torch
 import torchvision
 from omegaconf import DictConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from . import __version__
+
+# The folder above the package: the project's checkout when run from source or an editable install,
+# site-packages (or wherever pip put it) for an installed wheel.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def git_commit() -> str:
-    """``<sha>`` of the checkout, with ``-dirty`` when code or config differs from it; ``unknown`` outside git.
+def is_own_checkout(root: Path) -> bool:
+    """Whether ``root`` is this project's source tree: it holds a ``pyproject.toml`` with ``name = "fl-rpn"``."""
+    try:
+        text = (root / "pyproject.toml").read_text()
+    except OSError:
+        return False
+    return re.search(r'^name\s*=\s*"fl-rpn"\s*$', text, flags=re.MULTILINE) is not None
+
+
+def git_commit(root: Path = SOURCE_ROOT) -> str | None:
+    """``<sha>`` of the checkout that holds the running code, with ``-dirty`` when code or config differs from it.
+
+    ``None`` when the code is not run from the project's own git checkout: an installed wheel, or a source
+    tree that is not a git repository (or sits inside another one). Git is asked only when ``root`` is the
+    top of a git work tree and holds fl-rpn's ``pyproject.toml``, so a venv inside some other repository
+    never records that repository's commit. ``"unknown"`` when that checkout's git cannot be read.
 
     Dirty means a tracked file differs from ``HEAD`` (staged or not), except non-``.py`` files under
     ``experiments/``: those are results and their write-ups (RESULTS.md, results.json, READMEs, CSVs, plots),
     which the experiment and benchmark scripts rewrite themselves, so they do not make a run's code differ.
     Untracked files are not looked at.
     """
+    if not is_own_checkout(root):
+        return None
+    try:
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve():
+        return None  # not a git checkout, or the sources were copied into another repository
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         changed = subprocess.run(
-            ["git", "diff", "--name-only", "--no-renames", "-z", "HEAD"], cwd=REPO, capture_output=True, text=True,
+            ["git", "diff", "--name-only", "--no-renames", "-z", "HEAD"], cwd=root, capture_output=True, text=True,
             check=True, timeout=10,
         ).stdout.split("\0")  # fmt: skip
     except (OSError, subprocess.SubprocessError):
@@ -53,7 +82,8 @@ def hardware() -> str:
 
 def provenance(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     return {
-        "commit": git_commit(),
+        "version": __version__,
+        "commit": git_commit(),  # None for an installed copy: the version says which code ran
         "hardware": hardware(),
         "world_size": world_size,
         "python": platform.python_version(),

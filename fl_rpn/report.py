@@ -295,6 +295,8 @@ def provenance_lines(runs: list[Run]) -> list[str]:
     if not prov:
         return ["Provenance: no finished runs."]
     get = {k: [p.get(k, "unknown") for p in prov] for k in ("commit", "hardware", "world_size", "dataset", "schedule")}
+    # an installed copy records no commit (fl_rpn.provenance.git_commit), only its version
+    get["commit"] = [f"none (fl-rpn {p.get('version', '?')})" if c is None else c for c, p in zip(get["commit"], prov)]
     lines = [f"Provenance of the {len(prov)} finished runs: commit {_counted(get['commit'])}; hardware "
              f"{_counted(get['hardware'])}; world size {_counted(get['world_size'])}; dataset "
              f"{_counted(get['dataset'])}; schedule {_counted(get['schedule'])}."]  # fmt: skip

@@ -133,6 +133,16 @@ def test_jobs_that_never_started_are_listed(tmp_path):
     assert statuses["3"].startswith("not started") and statuses["0"] == "finished"
 
 
+def test_runs_of_an_installed_copy_show_its_version_for_the_commit(tmp_path):
+    prov = {"version": "0.1.0", "commit": None, "hardware": "CPU X", "world_size": 1, "dataset": "synthetic",
+            "schedule": "s"}  # fmt: skip
+    for rpn in ("focal_softmax", "sampled"):
+        fake_run(tmp_path, rpn, [f"rpn={rpn}", "seed=0"], {"bbox/AP": 0.5, "provenance": prov})
+    report([tmp_path])
+    text = (tmp_path / "report.md").read_text()
+    assert "commit none (fl-rpn 0.1.0); hardware CPU X" in text and "different commits" not in text
+
+
 def test_a_missing_baseline_is_said_and_mixed_commits_are_warned_about(tmp_path):
     for seed, commit in ((0, "aaa"), (1, "bbb")):
         prov = {"commit": commit, "hardware": "CPU X", "world_size": 1, "dataset": "synthetic", "schedule": "s"}

@@ -1,0 +1,174 @@
+"""``fl-rpn-export``: a trained detector as plain torchvision, TorchScript or ONNX; none needs fl_rpn to load.
+
+fl-rpn-export checkpoint=outputs/.../last.pt                      # model.pt (state dict) + model.json (settings)
+fl-rpn-export checkpoint=outputs/.../last.pt format=torchscript   # model.ts: torch.jit.load, no Python classes
+fl-rpn-export checkpoint=outputs/.../last.pt format=onnx          # model.onnx (opset 17): onnxruntime, ...
+
+``export_torchvision(model)`` swaps the ``FocalLossRPN`` for torchvision's own ``RegionProposalNetwork`` and
+``RPNHead``. The sigmoid form's head already is torchvision's. The softmax form's two-logit objectness layer
+(``[2A]`` channels, anchor-major: a0 background, a0 object, a1 background, ...) is folded into one logit per
+anchor, weight and bias ``w_obj - w_bg``: exact, because proposals are scored with ``sigmoid(z_obj - z_bg)``.
+Inference is unchanged (to float rounding); training the exported model further would use torchvision's
+sampled RPN loss.
+"""
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+
+from . import __version__
+from .config import CONF_DIR
+from .rpn import FocalLossRPN
+
+__all__ = ["export_torchvision", "fold_objectness", "torchvision_settings", "export_checkpoint", "FORMATS"]
+
+FORMATS = {"torchvision": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
+
+
+def fold_objectness(cls_logits: nn.Conv2d) -> nn.Conv2d:
+    """The ``[N, A, Hi, Wi]`` object-minus-background logit layer of a ``[N, 2A, Hi, Wi]`` two-logit one."""
+    two_a = cls_logits.out_channels
+    if two_a % 2:
+        raise ValueError(f"a two-logit objectness layer needs an even number of channels, got {two_a}")
+    folded = nn.Conv2d(cls_logits.in_channels, two_a // 2, kernel_size=cls_logits.kernel_size)
+    folded.to(cls_logits.weight.device, cls_logits.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(cls_logits.weight[1::2] - cls_logits.weight[0::2])
+        folded.bias.copy_(cls_logits.bias[1::2] - cls_logits.bias[0::2])
+    return folded
+
+
+def _torchvision_rpn(rpn: FocalLossRPN) -> RegionProposalNetwork:
+    old = rpn.head
+    head = RPNHead(old.cls_logits.in_channels, old.bbox_pred.out_channels // 4, conv_depth=len(old.conv))
+    head.to(old.bbox_pred.weight.device, old.bbox_pred.weight.dtype)
+    head.conv.load_state_dict(old.conv.state_dict())
+    head.bbox_pred.load_state_dict(old.bbox_pred.state_dict())
+    cls_logits = fold_objectness(old.cls_logits) if rpn.form == "softmax" else old.cls_logits
+    head.cls_logits.load_state_dict(cls_logits.state_dict())
+    return RegionProposalNetwork(
+        copy.deepcopy(rpn.anchor_generator), head,
+        fg_iou_thresh=rpn.proposal_matcher.high_threshold, bg_iou_thresh=rpn.proposal_matcher.low_threshold,
+        batch_size_per_image=256, positive_fraction=0.5,  # torchvision's defaults: the focal RPN samples nothing
+        pre_nms_top_n=dict(rpn._pre_nms_top_n), post_nms_top_n=dict(rpn._post_nms_top_n),
+        nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh,
+    )  # fmt: skip
+
+
+def export_torchvision(model: GeneralizedRCNN) -> GeneralizedRCNN:
+    """A copy of ``model`` (Faster / Mask / Keypoint R-CNN) in eval mode whose ``rpn`` is torchvision's own.
+
+    A ``FocalLossRPN`` becomes a ``RegionProposalNetwork`` with an ``RPNHead`` (the softmax form folded, see
+    the module docstring); a model with torchvision's RPN (``rpn=sampled``) is copied as is. ``model`` is not
+    changed. Every other module is already torchvision's, except a ``tiny_fpn`` backbone (``TinyBackbone``).
+    """
+    if not isinstance(model, GeneralizedRCNN):
+        raise TypeError(f"export_torchvision expects a torchvision GeneralizedRCNN, got {type(model).__name__}")
+    rpn = model.rpn
+    if not isinstance(rpn, FocalLossRPN) and type(rpn) is not RegionProposalNetwork:
+        raise TypeError(f"model.rpn is a {type(rpn).__name__}: neither FocalLossRPN nor RegionProposalNetwork")
+    exported = copy.deepcopy(model)
+    if isinstance(rpn, FocalLossRPN):
+        exported.rpn = _torchvision_rpn(exported.rpn)
+    return exported.eval()
+
+
+def torchvision_settings(model: GeneralizedRCNN) -> dict[str, Any]:
+    """What torchvision's ``FasterRCNN`` constructor needs, besides the backbone, to rebuild ``model``'s layout.
+
+    ``num_classes`` (with background), ``anchor_sizes`` and ``aspect_ratios`` (one list per feature level, for
+    ``AnchorGenerator``), ``box_head_dim`` (``TwoMLPHead`` width; torchvision's default is 1024) and ``kwargs``:
+    the remaining keyword arguments, read from the model (``min_size``, ``rpn_nms_thresh``, ``box_score_thresh``...).
+    """
+    rpn, roi, transform = model.rpn, model.roi_heads, model.transform
+    sampler = rpn.fg_bg_sampler
+    kwargs = {
+        "min_size": list(transform.min_size), "max_size": transform.max_size,
+        "image_mean": list(transform.image_mean), "image_std": list(transform.image_std),
+        "rpn_pre_nms_top_n_train": rpn._pre_nms_top_n["training"],
+        "rpn_pre_nms_top_n_test": rpn._pre_nms_top_n["testing"],
+        "rpn_post_nms_top_n_train": rpn._post_nms_top_n["training"],
+        "rpn_post_nms_top_n_test": rpn._post_nms_top_n["testing"],
+        "rpn_nms_thresh": rpn.nms_thresh, "rpn_score_thresh": rpn.score_thresh,
+        "rpn_fg_iou_thresh": rpn.proposal_matcher.high_threshold,
+        "rpn_bg_iou_thresh": rpn.proposal_matcher.low_threshold,
+        "rpn_batch_size_per_image": sampler.batch_size_per_image if sampler else 256,
+        "rpn_positive_fraction": sampler.positive_fraction if sampler else 0.5,
+        "box_score_thresh": roi.score_thresh, "box_nms_thresh": roi.nms_thresh,
+        "box_detections_per_img": roi.detections_per_img,
+        "box_fg_iou_thresh": roi.proposal_matcher.high_threshold,
+        "box_bg_iou_thresh": roi.proposal_matcher.low_threshold,
+        "box_batch_size_per_image": roi.fg_bg_sampler.batch_size_per_image,
+        "box_positive_fraction": roi.fg_bg_sampler.positive_fraction,
+        "bbox_reg_weights": list(roi.box_coder.weights),
+    }  # fmt: skip
+    generator = rpn.anchor_generator
+    return {
+        "num_classes": roi.box_predictor.cls_score.out_features,
+        "anchor_sizes": [list(s) for s in generator.sizes],
+        "aspect_ratios": [list(r) for r in generator.aspect_ratios],
+        "box_head_dim": getattr(getattr(roi.box_head, "fc7", None), "out_features", None),
+        "kwargs": kwargs,
+    }
+
+
+# model.name -> torchvision's builder with the same layout (tiny_fpn's backbone is fl_rpn's own)
+TORCHVISION_BUILDERS = {"r50_fpn": "fasterrcnn_resnet50_fpn", "mbv3_fpn": "fasterrcnn_mobilenet_v3_large_fpn"}
+
+
+def export_checkpoint(
+    checkpoint: str | Path, fmt: str, out_dir: str | Path, opset: int = 17, image_size: tuple[int, int] = (320, 320)
+) -> Path:
+    """Write ``checkpoint``'s model as ``out_dir/model.{pt,ts,onnx}`` and its settings as ``out_dir/model.json``.
+
+    ``torchvision``: the ``state_dict`` of ``export_torchvision(model)``; ``torchscript``: ``torch.jit.script`` of
+    it; ``onnx``: the TorchScript-based ONNX exporter at ``opset``, traced on one random ``[3, *image_size]`` image
+    (the image height and width stay dynamic). Returns the model file's path.
+    """
+    from .engine.checkpoint import model_from_checkpoint
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    model, ckpt = model_from_checkpoint(checkpoint)
+    exported = export_torchvision(model.cpu())
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / FORMATS[fmt]
+    if fmt == "torchvision":
+        torch.save(exported.state_dict(), path)
+    elif fmt == "torchscript":
+        torch.jit.script(exported).save(str(path))
+    else:
+        image = torch.rand(3, *image_size, generator=torch.Generator().manual_seed(0))
+        torch.onnx.export(
+            exported, ([image],), str(path), opset_version=opset, dynamo=False,
+            input_names=["image"], output_names=["boxes", "labels", "scores"],
+            dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]},
+        )  # fmt: skip
+    model_name = ckpt["config"]["model"]["name"]
+    settings = {
+        "format": fmt, "file": path.name, "fl_rpn_version": __version__, "checkpoint": str(checkpoint),
+        "model": model_name, "rpn": ckpt["config"]["rpn"]["name"],
+        "torchvision_builder": TORCHVISION_BUILDERS.get(model_name),
+        "class_names": list(ckpt["meta"]["class_names"]), **torchvision_settings(exported),
+    }  # fmt: skip
+    (out_dir / "model.json").write_text(json.dumps(settings, indent=2))
+    print(f"{checkpoint} -> {path} ({fmt}), settings in {out_dir / 'model.json'}")
+    return path
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="export", version_base=None)
+def main(cfg: DictConfig) -> None:
+    export_checkpoint(cfg.checkpoint, cfg.format, cfg.out_dir, cfg.opset, tuple(cfg.image_size))
+
+
+if __name__ == "__main__":
+    main()
