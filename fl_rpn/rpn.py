@@ -13,6 +13,7 @@ over every anchor with label >= 0), ``forward`` (counts anchors from the box-reg
 proposals with the object probability when C = 2) and the objectness-bias initialisation.
 """
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ from .diagnostics import anchor_statistics
 from .losses import sigmoid_focal_loss
 
 __all__ = ["FocalLossRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "FORMS"]
+
+log = logging.getLogger(__name__)
 
 FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
 
@@ -237,12 +240,20 @@ def use_focal_rpn(
     alpha: float = 0.25,
     gamma: float = 2.0,
     prior_prob: float | None = 0.01,
+    score_thresh: float = 0.0,
 ) -> GeneralizedRCNN:
     """Replace ``model.rpn`` of any torchvision ``GeneralizedRCNN`` (Faster / Mask / Keypoint R-CNN) in place.
 
     Keeps the anchor generator, IoU thresholds, top-n and NMS settings, and the head's shared conv and
     box-regression weights. The objectness layer is always re-initialised: a trained A-channel layer does
     not fit a 2A-channel head, and both forms should start from the same prior.
+
+    ``score_thresh`` (the minimum object probability of a proposal) is not taken from the replaced RPN: its
+    threshold was chosen for the scores of a BCE-trained, sampled RPN (torchvision's MobileNet detectors use
+    0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01) and keeps lower
+    probabilities on easy anchors. Kept, 0.05 would leave no proposal at all until the objectness had been
+    trained. The new RPN uses ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors);
+    a different replaced value is logged.
     """
     old = model.rpn
     if form not in FORMS:
@@ -255,6 +266,12 @@ def use_focal_rpn(
     head.bbox_pred.load_state_dict(old.head.bbox_pred.state_dict())
     head.to(old.head.bbox_pred.weight.device)
     matcher = old.proposal_matcher
+    if old.score_thresh != score_thresh:
+        log.info(
+            "use_focal_rpn: rpn score_thresh %g of the replaced RPN is not kept (it was set for BCE-trained scores; "
+            "the focal RPN starts every anchor at probability %s): now %g; pass score_thresh= to choose",
+            old.score_thresh, prior_prob, score_thresh,
+        )  # fmt: skip
     model.rpn = FocalLossRPN(
         old.anchor_generator,
         head,
@@ -263,7 +280,7 @@ def use_focal_rpn(
         pre_nms_top_n=dict(old._pre_nms_top_n),
         post_nms_top_n=dict(old._post_nms_top_n),
         nms_thresh=old.nms_thresh,
-        score_thresh=old.score_thresh,
+        score_thresh=score_thresh,
         form=form,
         loss_weight=loss_weight,
         alpha=alpha,
