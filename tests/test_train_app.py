@@ -195,11 +195,75 @@ def grad_norms_at_each_step(monkeypatch, tmp_path, *overrides):
 
 
 def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, monkeypatch):
+    """With one objectness logit per anchor the clipped norm is the plain L2 norm of all gradients."""
     monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    unclipped = grad_norms_at_each_step(monkeypatch, tmp_path / "a")
-    clipped = grad_norms_at_each_step(monkeypatch, tmp_path / "b", "clip_grad_norm=0.05")
+    unclipped = grad_norms_at_each_step(monkeypatch, tmp_path / "a", "rpn=focal_sigmoid")
+    clipped = grad_norms_at_each_step(monkeypatch, tmp_path / "b", "rpn=focal_sigmoid", "clip_grad_norm=0.05")
     assert len(unclipped) == len(clipped) == 2 and min(unclipped) > 0.5
     assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
+
+
+def softmax_twin(sigmoid_model, softmax_model):
+    """Give ``softmax_model`` the weights of ``sigmoid_model``, with ``z_bg = 0`` and ``z_obj`` the sigmoid logit."""
+    state = softmax_model.state_dict()
+    for k, v in sigmoid_model.state_dict().items():
+        if "rpn.head.cls_logits" in k:
+            state[k] = torch.zeros_like(state[k])
+            state[k][1::2] = v  # anchor-major channels: a0:bg, a0:obj, a1:bg, ...
+        else:
+            state[k] = v
+    softmax_model.load_state_dict(state)
+    return softmax_model
+
+
+def losses_and_norms(model, cfg, clip, steps=5, max_norm=0.5):
+    """``steps`` SGD steps (the run's optimizer, lr 0.02, momentum, weight decay) on one fixed batch, clipped."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 80.0], [50.0, 5.0, 120.0, 40.0]], dtype=torch.float64),
+         "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[30.0, 30.0, 70.0, 90.0]], dtype=torch.float64), "labels": torch.tensor([1])},
+    ]  # fmt: skip
+    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, global_batch=16)
+    losses, norms = [], []
+    model.train()
+    for step in range(steps):
+        torch.manual_seed(step)  # the same RoI sample in both arms
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(float(clip(model, max_norm)))
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, norms
+
+
+@pytest.mark.parametrize("clip", ["fl_rpn", "torch"])
+def test_with_clipping_softmax_and_its_lr2_sigmoid_control_take_the_same_steps(clip):
+    """Softmax and sigmoid x 2 start from the same function (z_obj - z_bg = the sigmoid logit) and, clipped, stay
+    the same: ``clip_grad_norm_`` counts the objectness gradient once per logit difference. torch's plain
+    clip_grad_norm_ counts it twice in the softmax form and the arms drift apart."""
+    from fl_rpn.engine.optim import clip_grad_norm_
+
+    clip_fn = clip_grad_norm_ if clip == "fl_rpn" else lambda m, n: torch.nn.utils.clip_grad_norm_(m.parameters(), n)
+    size = ["model.detector.min_size=96", "model.detector.max_size=128"]
+    runs = {}
+    for rpn in ("focal_sigmoid_lr2", "focal_softmax"):
+        cfg = compose_config([f"rpn={rpn}", *size])
+        torch.manual_seed(0)
+        runs[rpn] = (cfg, build_model(cfg, num_classes=2).double())
+    softmax_twin(runs["focal_sigmoid_lr2"][1], runs["focal_softmax"][1])
+    sigmoid_losses, sigmoid_norms = losses_and_norms(*reversed(runs["focal_sigmoid_lr2"]), clip_fn)
+    softmax_losses, softmax_norms = losses_and_norms(*reversed(runs["focal_softmax"]), clip_fn)
+    assert min(sigmoid_norms) > 0.5  # clipping is active at every step
+    assert softmax_losses[0] == pytest.approx(sigmoid_losses[0], rel=1e-12)  # the same function at the start
+    if clip == "fl_rpn":
+        assert softmax_norms == pytest.approx(sigmoid_norms, rel=1e-9)
+        assert softmax_losses == pytest.approx(sigmoid_losses, rel=1e-9)
+    else:
+        assert softmax_norms[0] > sigmoid_norms[0] * (1 + 1e-6)
+        assert abs(softmax_losses[-1] - sigmoid_losses[-1]) > 1e-6 * sigmoid_losses[-1]
 
 
 def test_cls_lr_mult_keeps_the_objectness_layers_lr_times_weight_decay():
