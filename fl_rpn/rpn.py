@@ -124,8 +124,9 @@ class FocalLossRPN(RegionProposalNetwork):
             init_objectness_prior(head.cls_logits, form, prior_prob)
         self.stats: dict[str, Tensor] = {}
 
-    def focal_normalizer(self, num_pos: Tensor) -> Tensor:
-        """What this rank divides its loss sums by: ``max(1, N_pos)`` of the global batch over the number of ranks.
+    def focal_normalizer(self, num_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``(max(1, N_pos), divisor)``: the clamped positive count of the global batch (all ranks), and what this
+        rank divides its loss sums by, that count over the number of ranks ``W``.
 
         DDP averages gradients over ranks, so dividing each rank's sum by ``max(1, N_pos) / W`` makes that average
         the single-process gradient over the global batch (as in DETR). The global count is clamped before the
@@ -134,8 +135,10 @@ class FocalLossRPN(RegionProposalNetwork):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             num_pos = num_pos.clone()
             dist.all_reduce(num_pos)
-            return num_pos.clamp(min=1.0) / dist.get_world_size()
-        return num_pos.clamp(min=1.0)
+            num_pos = num_pos.clamp(min=1.0)
+            return num_pos, num_pos / dist.get_world_size()
+        num_pos = num_pos.clamp(min=1.0)
+        return num_pos, num_pos
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -169,7 +172,7 @@ class FocalLossRPN(RegionProposalNetwork):
         per_anchor = sigmoid_focal_loss(logit, positive, self.alpha, self.gamma, valid=valid)
 
         num_pos = positive.count_nonzero()
-        normalizer = self.focal_normalizer(num_pos.to(torch.float32))
+        global_num_pos, normalizer = self.focal_normalizer(num_pos.to(torch.float32))
         loss_sum = per_anchor.sum()
         loss_objectness = self.loss_weight * loss_sum / normalizer
 
@@ -186,7 +189,7 @@ class FocalLossRPN(RegionProposalNetwork):
             num_negative=negative.count_nonzero(), num_trained=valid.count_nonzero(), num_images=num_images,
             loss_sum=loss_sum.detach(),
         )  # fmt: skip
-        self.stats["focal_normalizer"] = normalizer.detach()
+        self.stats["focal_normalizer"] = global_num_pos  # max(1, N_pos) of the global batch, whatever W is
         return loss_objectness, loss_rpn_box_reg
 
     def forward(
