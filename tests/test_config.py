@@ -93,3 +93,17 @@ def test_a_score_threshold_above_the_prior_is_refused_for_the_focal_rpn():
     validate_config(compose_config(["rpn=sampled", "rpn.score_thresh=0.05"]))
     validate_config(compose_config(["rpn=focal_sigmoid", "rpn.score_thresh=0.005"]))
     validate_config(compose_config(["rpn=focal_sigmoid", "rpn.score_thresh=0.05", "rpn.prior_prob=null"]))
+
+
+def test_the_shared_rpn_keys_are_a_base_not_an_option():
+    """``conf/_base/rpn.yaml`` holds the keys every rpn option shares; ``rpn=_common`` (it used to be offered, and
+    failed later) is now an unknown option, and the rpn group lists only real options."""
+    from hydra.errors import MissingConfigException
+
+    assert not list((CONF_DIR / "rpn").glob("_*.yaml"))
+    assert options("rpn") == ["focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "sampled"]
+    with pytest.raises(MissingConfigException, match="Could not find 'rpn/_common'"):
+        compose_config(["rpn=_common"])
+    for rpn in options("rpn"):  # every option still has the shared keys, with their values
+        cfg = compose_config([f"rpn={rpn}"])
+        assert (cfg.rpn.fg_iou_thresh, cfg.rpn.score_thresh, cfg.rpn.pre_nms_top_n_train) == (0.7, 0.0, 2000)
