@@ -266,6 +266,23 @@ def test_with_clipping_softmax_and_its_lr2_sigmoid_control_take_the_same_steps(c
         assert abs(softmax_losses[-1] - sigmoid_losses[-1]) > 1e-6 * sigmoid_losses[-1]
 
 
+def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp_path, monkeypatch):
+    from fl_rpn.eval import evaluate_checkpoint
+
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    train(compose_config([*FAST, "seed=3", "rpn=focal_sigmoid", "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
+    cfg = compose_config(
+        [f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY[:4], "eval.evaluators=[]", "num_workers=0",
+         f"output_dir={tmp_path / 'eval'}"], config_name="eval",
+    )  # fmt: skip
+    assert (cfg.seed, cfg.schedule.max_iters, cfg.rpn.name) == (0, 600, "focal_softmax")  # eval.yaml's defaults
+    evaluate_checkpoint(cfg)
+    recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())["provenance"]
+    assert recorded["seed"] == 3 and recorded["rpn"] == "focal_sigmoid" and recorded["model"] == "tiny_fpn"
+    assert recorded["schedule"] == "cpu_demo: 1 iterations x 2 images" and recorded["train_world_size"] == 1
+    assert recorded["dataset"] == "synthetic" and recorded["train_dataset"] == "synthetic"
+
+
 def test_cls_lr_mult_keeps_the_objectness_layers_lr_times_weight_decay():
     cfg = compose_config(["rpn=focal_sigmoid_lr2"])
     model = build_model(cfg, num_classes=3)
