@@ -319,3 +319,52 @@ def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_
         (output,) = predict(model, [source.float() / 255])
         for x1, y1, _, _ in output["proposals"][:5].long().tolist():  # every box's corner is outlined
             assert (drawn[name][:, y1, x1] == 128).all()
+
+
+def test_drawings_use_a_colour_per_class_and_labels_that_scale_with_the_image():
+    from fl_rpn.predict import PALETTE, draw_boxes, drawing_sizes
+
+    assert drawing_sizes(torch.zeros(3, 96, 128)) == (1, 10)
+    assert drawing_sizes(torch.zeros(3, 640, 960)) == (2, 16) and drawing_sizes(torch.zeros(3, 1280, 1280)) == (4, 32)
+    rgb = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PALETTE[:2]]
+    for side in (320, 1280):
+        image = torch.full((3, side, side), 255, dtype=torch.uint8)
+        boxes = torch.tensor([[0.2, 0.3, 0.45, 0.8], [0.55, 0.3, 0.9, 0.8]]) * side
+        drawn = draw_boxes(image, boxes, torch.tensor([1, 2]), ["circle 0.91", "square 0.50"])
+        width, font_size = drawing_sizes(image)
+        for (x1, y1, x2, y2), colour in zip(boxes.long().tolist(), rgb):
+            assert tuple(drawn[:, (y1 + y2) // 2, x1].tolist()) == colour  # the left edge, in the class colour
+            # the filled label hangs from the box's top-left corner: about font_size rows of the class colour
+            column = (drawn[:, y1 : y1 + 3 * font_size, x1 + width + 1] == torch.tensor(colour)[:, None]).all(0)
+            assert 0.7 * font_size <= column.sum() <= 2 * font_size, (side, int(column.sum()))
+
+
+def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tmp_path, monkeypatch):
+    from fl_rpn.data import build_dataset
+    from fl_rpn.predict import PALETTE
+
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
+    val = build_dataset(compose_config(TINY).dataset.val, train=False)
+    first, second = val.records[0], val.records[1]
+    assert len(first.boxes) > 0
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    inputs = [first.file, tmp_path / "bad.png", second.file, tmp_path / "empty.jpg"]
+    overrides = [f"checkpoint={tmp_path / 'run' / 'last.pt'}", f"inputs=[{','.join(map(str, inputs))}]",
+                 f"out_dir={tmp_path / 'out'}", "score_thresh=1.1", "ground_truth=true", *TINY[:4]]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^inputs: 2 of 4 images could not be read \(the other 2 were drawn") as e:
+        predict_images(compose_config(overrides, config_name="predict"))
+    assert "bad.png" in str(e.value) and "empty.jpg" in str(e.value)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([f"{first.file.stem}.png", f"{second.file.stem}.png"])  # the ones after a bad one too
+    drawing = decode_image(str(tmp_path / "out" / f"{first.file.stem}.png"))
+    original = decode_image(str(first.file))
+    height, width = original.shape[1:]
+    assert tuple(drawing.shape) == (3, height, 2 * width + 8)  # ground truth | gap | predictions
+    assert torch.equal(drawing[:, :, width + 8 :], original)  # score_thresh 1.1: no detection drawn on the right
+    left = drawing[:, :, :width]
+    x1, y1, x2, y2 = first.boxes[0].astype(int).tolist()
+    hex_colour = PALETTE[int(first.labels[0]) - 1]
+    colour = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
+    assert left[:, (y1 + y2) // 2, x1].tolist() == colour  # the ground-truth box in its class colour
