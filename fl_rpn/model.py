@@ -148,9 +148,7 @@ def build_backbone(model_cfg: DictConfig, load_weights: bool = True) -> nn.Modul
         body, trained = _pretrained_backbone(resnet50, model_cfg, "resnet50", load_weights)
         return _resnet_fpn_extractor(body, _trainable_layers(trainable, trained, all_layers=5))
     if name == "mbv3_fpn":
-        body, trained = _pretrained_backbone(
-            mobilenet_v3_large, model_cfg, "mobilenet_v3_large", load_weights
-        )
+        body, trained = _pretrained_backbone(mobilenet_v3_large, model_cfg, "mobilenet_v3_large", load_weights)
         return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6))
     if name == "tiny_fpn":
         backbone_weights_source(model_cfg)  # null, or the error

@@ -104,7 +104,8 @@ def ground_truth_by_file(cfg: DictConfig) -> dict[Path, dict]:
     return {
         r.file.resolve(): {
             "boxes": torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.as_tensor(r.labels, dtype=torch.int64), "ignore": torch.as_tensor(r.ignore, dtype=torch.bool),
+            "labels": torch.as_tensor(r.labels, dtype=torch.int64),
+            "ignore": torch.as_tensor(r.ignore, dtype=torch.bool),
         }
         for r in records
     }  # fmt: skip

@@ -349,9 +349,12 @@ def markdown(
     if "proposal_recall.png" in plots:
         lines += ["", "proposal_recall.png: AR@100 / 300 / 1000 per arm, mean ± 1 sd over seeds."]
     if "loss_curves.png" in plots:
-        lines += ["", "loss_curves.png: the box head's loss (the same function in every arm) per arm; the RPN's "
-                  "objectness and box terms are different functions across arms (focal × λ / N_pos vs BCE over "
-                  "sampled anchors), so each is drawn relative to its arm's first logged value. Means over seeds."]
+        lines += [
+            "",
+            "loss_curves.png: the box head's loss (the same function in every arm) per arm; the RPN's "
+            "objectness and box terms are different functions across arms (focal × λ / N_pos vs BCE over "
+            "sampled anchors), so each is drawn relative to its arm's first logged value. Means over seeds.",
+        ]
 
     lines += ["", f"## Paired differences vs {baseline}", ""]
     lines += summary["notes"]

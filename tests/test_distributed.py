@@ -423,7 +423,6 @@ def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(normal
             torch.testing.assert_close(ddp_mean, torch.stack(single), rtol=1e-12, atol=0, msg=f"{form} {case}")
 
 
-
 @pytest.fixture(scope="module")
 def normalizer_records(tmp_path_factory, cache):
     return launch(tmp_path_factory.mktemp("normalizer"), "normalizer", cache, [], kind="normalizer")[2]

@@ -270,7 +270,8 @@ def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp
     from fl_rpn.eval import evaluate_checkpoint
 
     monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    train(compose_config([*FAST, "seed=3", "rpn=focal_sigmoid", "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
+    overrides = [*FAST, "seed=3", "rpn=focal_sigmoid", "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]
+    train(compose_config(overrides))
     cfg = compose_config(
         [f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY[:4], "eval.evaluators=[]", "num_workers=0",
          f"output_dir={tmp_path / 'eval'}"], config_name="eval",
@@ -332,7 +333,7 @@ def test_drawings_use_a_colour_per_class_and_labels_that_scale_with_the_image():
         boxes = torch.tensor([[0.2, 0.3, 0.45, 0.8], [0.55, 0.3, 0.9, 0.8]]) * side
         drawn = draw_boxes(image, boxes, torch.tensor([1, 2]), ["circle 0.91", "square 0.50"])
         width, font_size = drawing_sizes(image)
-        for (x1, y1, x2, y2), colour in zip(boxes.long().tolist(), rgb):
+        for (x1, y1, _, y2), colour in zip(boxes.long().tolist(), rgb):
             assert tuple(drawn[:, (y1 + y2) // 2, x1].tolist()) == colour  # the left edge, in the class colour
             # the filled label hangs from the box's top-left corner: about font_size rows of the class colour
             column = (drawn[:, y1 : y1 + 3 * font_size, x1 + width + 1] == torch.tensor(colour)[:, None]).all(0)
