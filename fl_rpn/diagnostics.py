@@ -4,11 +4,17 @@ Per step (device tensors; read them only when logging): positive and negative an
 (labels 1 / 0, before any sampling), anchors that received a loss per image, the focal normaliser
 (FL-RPN only) and the share of the objectness loss carried by easy negatives (``p_t > 0.9``, i.e.
 object probability < 0.1).
+
+Under DDP every rank logs the same global values: the easy-negative share is the ratio of the loss sums over
+all ranks (one small all_reduce), not a mean of per-rank ratios, and the focal normaliser is the global count.
+The per-image counts are per rank; every rank has the same number of images, so their mean over ranks (the
+logged value) is the global per-image mean.
 """
 
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -41,6 +47,10 @@ def anchor_statistics(
     if loss_sum is None:
         loss_sum = per_anchor_loss.sum()
     easy_loss = (per_anchor_loss * (negative & (object_logit < EASY_LOGIT))).sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # the global ratio
+        sums = torch.stack([easy_loss, loss_sum]).float()
+        dist.all_reduce(sums)
+        easy_loss, loss_sum = sums.unbind()
     return {
         "positive_anchors_per_image": num_positive / num_images,
         "negative_anchors_per_image": num_negative / num_images,

@@ -13,7 +13,7 @@ from .engine.checkpoint import model_from_checkpoint
 from .engine.distributed import DistInfo
 from .engine.trainer import run_evaluation, select_device
 from .evaluation import summarize
-from .provenance import provenance
+from .provenance import provenance, trained_with
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
@@ -28,8 +28,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         )
     metrics = run_evaluation(cfg, model.to(device), val_set, device, dist_info=DistInfo())
     record = {**metrics, "checkpoint": str(cfg.checkpoint), "iteration": ckpt.get("iteration")}
-    record["provenance"] = provenance(cfg)
-    record["provenance"].update(model=ckpt["config"]["model"]["name"], rpn=ckpt["config"]["rpn"]["name"])
+    # the run's own fields (commit, hardware, command, dataset evaluated on) and the checkpoint's training: its
+    # seed, model, rpn and schedule, not the defaults that eval.yaml composes
+    record["provenance"] = {**provenance(cfg), **trained_with(ckpt)}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str))

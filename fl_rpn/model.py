@@ -70,28 +70,55 @@ def _load_local_weights(module: nn.Module, path: Path, what: str) -> None:
         raise ValueError(f"model.backbone_weights={path}: not a {what} state dict; missing keys {missing[:5]} ...")
 
 
-def _pretrained_backbone(constructor, weights: str | None, what: str, load: bool) -> tuple[nn.Module, bool]:
+_WEIGHT_ENUMS = {"resnet50": "ResNet50_Weights", "mobilenet_v3_large": "MobileNet_V3_Large_Weights"}
+_BACKBONES = {"r50_fpn": "resnet50", "mbv3_fpn": "mobilenet_v3_large", "tiny_fpn": None}
+
+
+def backbone_weights_source(model_cfg: DictConfig, need_file: bool = True):
+    """What ``model.backbone_weights`` names: ``None``, a local file ``Path`` or a torchvision weights enum.
+
+    Reads and downloads nothing, so the config check (``fl_rpn.validation``) calls it before any data is read.
+    ``need_file=False`` accepts a missing file (resuming: the checkpoint holds the weights).
+    """
+    weights, what = model_cfg.backbone_weights, _BACKBONES.get(model_cfg.name)
+    if weights is None:
+        return None
+    if what is None:
+        raise ValueError(f"model.backbone_weights: {model_cfg.name} has no pretrained weights; set it to null")
+    path = Path(str(weights)).expanduser()
+    if path.suffix in {".pt", ".pth", ".bin"} or path.exists():
+        if need_file and not path.is_file():
+            raise FileNotFoundError(f"model.backbone_weights: no such file {path}")
+        return path
+    try:
+        enum = get_weight(weights if "." in weights else f"{_WEIGHT_ENUMS[what]}.{weights}")
+    except (ValueError, KeyError, AttributeError) as e:
+        enum, error = None, e
+    if enum is None or type(enum).__name__ != _WEIGHT_ENUMS[what]:
+        raise ValueError(
+            f"model.backbone_weights={weights!r} is neither a file nor a torchvision weights name of {what} "
+            f"(e.g. {_WEIGHT_ENUMS[what]}.IMAGENET1K_V1 or IMAGENET1K_V1)"
+        ) from (error if enum is None else None)
+    return enum
+
+
+def _pretrained_backbone(constructor, model_cfg: DictConfig, what: str, load: bool) -> tuple[nn.Module, bool]:
     """Build ``constructor`` (resnet50 / mobilenet_v3_large) from a torchvision weights name or a local file.
 
     Returns the module and whether it is a pretrained layout (then BatchNorm is frozen, as in torchvision).
     With ``load=False`` the pretrained layout is built but nothing is read or downloaded: a checkpoint is
     about to overwrite the weights.
     """
-    if weights is None:
+    if model_cfg.backbone_weights is None:
         return constructor(weights=None, norm_layer=nn.BatchNorm2d), False
     if not load:
         return constructor(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d), True
-    path = Path(str(weights)).expanduser()
-    if path.suffix in {".pt", ".pth", ".bin"} or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"model.backbone_weights: no such file {path}")
+    source = backbone_weights_source(model_cfg)
+    if isinstance(source, Path):
         module = constructor(weights=None, norm_layer=misc_ops.FrozenBatchNorm2d)
-        _load_local_weights(module, path, what)
+        _load_local_weights(module, source, what)
         return module, True
-    try:
-        enum = get_weight(weights if "." in weights else f"{_WEIGHT_ENUMS[what]}.{weights}")
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"model.backbone_weights={weights!r} is neither a file nor a torchvision weights name") from e
+    enum = source
     try:
         return constructor(weights=enum, norm_layer=misc_ops.FrozenBatchNorm2d), True
     except (OSError, RuntimeError) as e:  # URLError is an OSError
@@ -101,9 +128,6 @@ def _pretrained_backbone(constructor, weights: str | None, what: str, load: bool
             f"could not download backbone weights {enum} from {enum.url} ({e}). Offline: put that file at "
             f"{hub / filename}, or set model.backbone_weights=/path/to/{filename}"
         ) from e
-
-
-_WEIGHT_ENUMS = {"resnet50": "ResNet50_Weights", "mobilenet_v3_large": "MobileNet_V3_Large_Weights"}
 
 
 def _trainable_layers(requested: int | None, trained: bool, all_layers: int) -> int:
@@ -121,16 +145,13 @@ def build_backbone(model_cfg: DictConfig, load_weights: bool = True) -> nn.Modul
     name = model_cfg.name
     trainable = model_cfg.get("trainable_backbone_layers")
     if name == "r50_fpn":
-        body, trained = _pretrained_backbone(resnet50, model_cfg.backbone_weights, "resnet50", load_weights)
+        body, trained = _pretrained_backbone(resnet50, model_cfg, "resnet50", load_weights)
         return _resnet_fpn_extractor(body, _trainable_layers(trainable, trained, all_layers=5))
     if name == "mbv3_fpn":
-        body, trained = _pretrained_backbone(
-            mobilenet_v3_large, model_cfg.backbone_weights, "mobilenet_v3_large", load_weights
-        )
+        body, trained = _pretrained_backbone(mobilenet_v3_large, model_cfg, "mobilenet_v3_large", load_weights)
         return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6))
     if name == "tiny_fpn":
-        if model_cfg.backbone_weights is not None:
-            raise ValueError("model.backbone_weights: tiny_fpn has no pretrained weights; set it to null")
+        backbone_weights_source(model_cfg)  # null, or the error
         widths = tuple(model_cfg.widths)
         body = TinyBackbone(widths)
         return BackboneWithFPN(
@@ -172,5 +193,5 @@ def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: boo
     else:
         model = FasterRCNN(backbone, num_classes=num_classes + 1, **detector_kwargs)
     if rpn_cfg.loss == "focal":
-        use_focal_rpn(model, **{k: rpn_cfg[k] for k in FOCAL_KEYS})
+        use_focal_rpn(model, **{k: rpn_cfg[k] for k in FOCAL_KEYS}, score_thresh=rpn_cfg.score_thresh)
     return model

@@ -1,5 +1,6 @@
-"""``fl-rpn-predict``: draw a checkpoint's detections (and top-k RPN proposals) on images, save PNGs."""
+"""``fl-rpn-predict``: draw a checkpoint's detections (and top-k RPN proposals, and the ground truth) on images."""
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -38,35 +39,118 @@ def output_names(files: list[Path]) -> list[str]:
     return [f"{f.stem}-{i}.png" if counts[f.stem] > 1 else f"{f.stem}.png" for i, f in enumerate(files)]
 
 
+# one colour per class (matplotlib's tab10), label k drawn with PALETTE[(k - 1) % 10]
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def drawing_sizes(image: torch.Tensor) -> tuple[int, int]:
+    """``(line width, font size)`` in pixels for a ``[3, H, W]`` image: 2 and 16 at 640 px, scaling with the
+    shorter side (at least 1 and 10)."""
+    side = min(image.shape[1:])
+    return max(1, round(side / 320)), max(10, round(side / 40))
+
+
+def _font() -> str:
+    """A TrueType font that ships with matplotlib (PIL's default bitmap font cannot be scaled)."""
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
+def draw_boxes(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """``image`` uint8 ``[3, H, W]`` with ``boxes`` ``[M, 4]`` xyxy in the colour of their class ``labels`` ``[M]``
+    (1..K), each with its text on a filled label of the same colour."""
+    if not len(boxes):  # draw_bounding_boxes warns on an empty box list
+        return image
+    width, font_size = drawing_sizes(image)
+    colors = [PALETTE[(int(c) - 1) % len(PALETTE)] for c in labels]
+    return draw_bounding_boxes(
+        image, boxes, labels=texts, colors=colors, width=width, font=_font(), font_size=font_size,
+        fill_labels=True, label_colors="white",
+    )  # fmt: skip
+
+
 def draw(
     image: torch.Tensor, output: dict, class_names: list[str], score_thresh: float, proposals_topk: int
 ) -> torch.Tensor:
-    """``image`` uint8 ``[3, H, W]`` with proposals (thin, grey) under detections (labelled, coloured)."""
+    """``image`` uint8 ``[3, H, W]`` with proposals (thin, grey) under detections (one colour per class, labelled
+    with class and score)."""
     if proposals_topk > 0 and len(output["proposals"]):
         image = draw_bounding_boxes(image, output["proposals"][:proposals_topk], colors="gray", width=1)
     keep = output["scores"] >= score_thresh
-    if not keep.any():  # draw_bounding_boxes warns on an empty box list
-        return image
-    labels = [f"{class_names[int(c) - 1]} {s:.2f}" for c, s in zip(output["labels"][keep], output["scores"][keep])]
-    return draw_bounding_boxes(image, output["boxes"][keep], labels=labels, colors="red", width=2)
+    labels, scores = output["labels"][keep], output["scores"][keep]
+    texts = [f"{class_names[int(c) - 1]} {s:.2f}" for c, s in zip(labels, scores)]
+    return draw_boxes(image, output["boxes"][keep], labels, texts)
+
+
+def draw_ground_truth(image: torch.Tensor, target: dict, class_names: list[str]) -> torch.Tensor:
+    """``image`` with the ground-truth ``boxes`` and ``labels`` of ``target`` (ignored ones marked ``(ignored)``)."""
+    ignore = target.get("ignore", torch.zeros(len(target["labels"]), dtype=torch.bool))
+    texts = [class_names[int(c) - 1] + (" (ignored)" if i else "") for c, i in zip(target["labels"], ignore)]
+    return draw_boxes(image, target["boxes"], target["labels"], texts)
+
+
+def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch.Tensor:
+    """Two ``[3, H, W]`` uint8 images next to each other, a white ``gap`` between them."""
+    space = torch.full((3, left.shape[1], gap), 255, dtype=left.dtype)
+    return torch.cat([left, space, right], dim=2)
+
+
+def ground_truth_by_file(cfg: DictConfig) -> dict[Path, dict]:
+    """``dataset.val``'s ground truth per resolved image path: ``{"boxes": [M, 4], "labels": [M], "ignore": [M]}``."""
+    from .data import build_dataset
+
+    records = build_dataset(cfg.dataset.val, train=False).records
+    return {
+        r.file.resolve(): {
+            "boxes": torch.as_tensor(r.boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(r.labels, dtype=torch.int64),
+            "ignore": torch.as_tensor(r.ignore, dtype=torch.bool),
+        }
+        for r in records
+    }  # fmt: skip
 
 
 def predict_images(cfg: DictConfig) -> list[Path]:
+    """Draw every input; an input that cannot be read is reported and skipped, and after the others are drawn a
+    ``ValueError`` lists every such input. With ``ground_truth=true`` an input of ``dataset.val`` (matched by path)
+    gets its ground truth drawn on the left and the predictions on the right."""
     device = select_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.checkpoint)
     model.to(device)
     class_names = ckpt["meta"]["class_names"]
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    ground_truth = ground_truth_by_file(cfg) if cfg.ground_truth else {}
+    written, unreadable = [], []
     files = image_files(list(cfg.inputs))
     for file, name in zip(files, output_names(files)):
-        image = read_image(file)  # the datasets' reader: BMP and TIFF through PIL
+        try:
+            image = read_image(file)  # the datasets' reader: BMP and TIFF through PIL
+        except (ValueError, OSError) as e:
+            unreadable.append(f"{file}: {e}")
+            print(f"{file}: cannot be read, skipped ({e})", file=sys.stderr)
+            continue
         (output,) = predict(model, [image.to(device).float() / 255])
+        output = {k: v.cpu() for k, v in output.items()}
+        drawing = draw(image, output, class_names, cfg.score_thresh, cfg.proposals_topk)
+        note = ""
+        if cfg.ground_truth:
+            target = ground_truth.get(file.resolve())
+            if target is None:
+                note = f" (not in dataset.val {cfg.dataset.name}: no ground truth drawn)"
+            else:
+                drawing = side_by_side(draw_ground_truth(image, target, class_names), drawing)
+                note = f", {len(target['boxes'])} ground-truth boxes on the left"
         path = out_dir / name
-        write_png(draw(image, output, class_names, cfg.score_thresh, cfg.proposals_topk), str(path))
+        write_png(drawing, str(path))
         written.append(path)
-        print(f"{file} -> {path}: {int((output['scores'] >= cfg.score_thresh).sum())} detections")
+        print(f"{file} -> {path}: {int((output['scores'] >= cfg.score_thresh).sum())} detections{note}")
+    if unreadable:
+        raise ValueError(
+            f"inputs: {len(unreadable)} of {len(files)} images could not be read (the other {len(written)} were "
+            f"drawn in {out_dir}):\n  " + "\n  ".join(unreadable)
+        )
     return written
 
 

@@ -80,6 +80,22 @@ def hardware() -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def schedule_text(cfg: DictConfig | dict, world_size: int) -> str:
+    """``"cpu_demo: 600 iterations x 4 images"`` (the global batch) from a root config or its saved dict."""
+    schedule = cfg["schedule"]
+    return f"{schedule['name']}: {schedule['max_iters']} iterations x {cfg['batch_size'] * world_size} images"
+
+
+def trained_with(checkpoint: dict) -> dict[str, Any]:
+    """What a checkpoint was trained with, from the config and RNG states saved in it: seed, dataset, model, rpn,
+    schedule (with its global batch: one RNG state per rank) and world size."""
+    config, world_size = checkpoint["config"], max(len(checkpoint.get("rng") or []), 1)
+    return {
+        "seed": config["seed"], "train_dataset": config["dataset"]["name"], "model": config["model"]["name"],
+        "rpn": config["rpn"]["name"], "schedule": schedule_text(config, world_size), "train_world_size": world_size,
+    }  # fmt: skip
+
+
 def provenance(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     return {
         "version": __version__,
@@ -94,6 +110,6 @@ def provenance(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
         "rpn": cfg.rpn.name,
-        "schedule": f"{cfg.schedule.name}: {cfg.schedule.max_iters} iterations x {cfg.batch_size * world_size} images",
+        "schedule": schedule_text(cfg, world_size),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -343,11 +343,20 @@ def markdown(
              "AP / AR / shares in percent; mean ± sd (n) over seeds, sd the sample standard deviation across seeds.",
              ""]  # fmt: skip
     shown = [m for m in metrics if any(m in row for row in table.values())]
+    if warning := too_short_to_rank(summary, shown):
+        lines += [warning, ""]
     lines += _md_table(shown, {arm: _row_cells(row, shown) for arm, row in table.items()})
     if "metrics.png" in plots:
         lines += ["", "metrics.png: bars are the means over seeds, error bars ± 1 sd (a spread, not an interval)."]
     if "proposal_recall.png" in plots:
         lines += ["", "proposal_recall.png: AR@100 / 300 / 1000 per arm, mean ± 1 sd over seeds."]
+    if "loss_curves.png" in plots:
+        lines += [
+            "",
+            "loss_curves.png: the box head's loss (the same function in every arm) per arm; the RPN's "
+            "objectness and box terms are different functions across arms (focal × λ / N_pos vs BCE over "
+            "sampled anchors), so each is drawn relative to its arm's first logged value. Means over seeds.",
+        ]
 
     lines += ["", f"## Paired differences vs {baseline}", ""]
     lines += summary["notes"]
@@ -427,6 +436,53 @@ def mean_curve(members: list[Run], key: str) -> tuple[list[int], list[float]]:
     return iterations, [statistics.fmean(c[i] for c in curves) for i in iterations]
 
 
+# loss_curves.png: the box head's terms are the same function in every arm; the RPN's are not (focal x lambda / N_pos
+# over all anchors vs BCE over 256 sampled ones, and focal arms differ in gamma, alpha, lambda), so each arm's RPN
+# terms are drawn relative to its own first logged value: their trends compare, their levels do not.
+LOSS_PANELS = {
+    "box head: loss_classifier + loss_box_reg\n(the same function in every arm)": (("loss_classifier", "loss_box_reg"),
+                                                                                   False),
+    "RPN objectness: each arm's own loss\n(relative to its first logged value)": (("loss_objectness",), True),
+    "RPN box regression: each arm's own normaliser\n(relative to its first logged value)": (("loss_rpn_box_reg",),
+                                                                                           True),
+}  # fmt: skip
+
+
+def loss_curve_panels(summary: dict) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Per panel of ``loss_curves.png`` (:data:`LOSS_PANELS`), per arm: iterations and the summed terms, mean over
+    seeds, divided by its first value for the RPN terms. Arms that did not log a panel's terms are left out."""
+    panels = {}
+    for title, (keys, relative) in LOSS_PANELS.items():
+        panels[title] = {}
+        for arm, members in summary["arms"].items():
+            curves = [mean_curve(members, k) for k in keys]
+            if not curves or not all(iterations for iterations, _ in curves):
+                continue
+            common = sorted(set.intersection(*(set(iterations) for iterations, _ in curves)))
+            by_key = [dict(zip(*curve)) for curve in curves]
+            values = [sum(c[i] for c in by_key) for i in common]
+            if relative and values and values[0] > 0:
+                values = [v / values[0] for v in values]
+            if common:
+                panels[title][arm] = (common, values)
+    return panels
+
+
+def too_short_to_rank(summary: dict, metrics: list[str], threshold: float = 0.01) -> str | None:
+    """A warning when every arm's mean of every fraction metric (AP, AR, mAP) is below ``threshold``: runs far
+    too short to rank the arms, whose differences are noise around zero."""
+    metrics = [m for m in metrics if m.startswith(("bbox/", "proposal/", "voc07/"))]
+    means = [row[m][0] for row in summary["table"].values() for m in metrics if m in row]
+    if not means or max(means) >= threshold:
+        return None
+    iterations = sorted({int(r.metrics["train/iterations"]) for members in summary["arms"].values() for r in members
+                         if r.metrics and _finite(r.metrics.get("train/iterations"))})  # fmt: skip
+    trained = f" ({', '.join(map(str, iterations))} iterations)" if iterations else ""
+    return (f"**Warning: every arm's {', '.join(metrics)} is below "
+            f"{100 * threshold:g} %: these runs{trained} are far too short to rank the arms; the differences below "
+            "are noise.**")  # fmt: skip
+
+
 def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -470,16 +526,20 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
         axes[0][0].set_ylabel(f"paired Δ vs {summary['baseline']} (points),\nmean and 95 % t-interval")
         save(fig, "differences.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, members in summary["arms"].items():
-        iterations, mean = mean_curve(members, "loss")
-        if iterations:
-            ax.plot(iterations, mean, label=arm)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("total training loss (mean over seeds)")
-    ax.set_yscale("log")
-    if ax.lines:
-        ax.legend(fontsize=7)
+    panels = loss_curve_panels(summary)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for i, arm in enumerate(summary["arms"]):  # one colour per arm in every panel
+            if arm in curves:
+                ax.plot(*curves[arm], label=arm, color=f"C{i % 10}")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("iteration")
+        ax.set_yscale("log")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    axes[0][0].set_ylabel("training loss (mean over seeds)")
+    if any(ax.lines for ax in axes[0]):
+        next(ax for ax in axes[0] if ax.lines).legend(fontsize=7)
     save(fig, "loss_curves.png")
 
     shares = {arm: mean_curve(members, EASY_SHARE) for arm, members in summary["arms"].items()}

@@ -13,6 +13,7 @@ over every anchor with label >= 0), ``forward`` (counts anchors from the box-reg
 proposals with the object probability when C = 2) and the objectness-bias initialisation.
 """
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ from .diagnostics import anchor_statistics
 from .losses import sigmoid_focal_loss
 
 __all__ = ["FocalLossRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "FORMS"]
+
+log = logging.getLogger(__name__)
 
 FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
 
@@ -121,8 +124,9 @@ class FocalLossRPN(RegionProposalNetwork):
             init_objectness_prior(head.cls_logits, form, prior_prob)
         self.stats: dict[str, Tensor] = {}
 
-    def focal_normalizer(self, num_pos: Tensor) -> Tensor:
-        """What this rank divides its loss sums by: ``max(1, N_pos)`` of the global batch over the number of ranks.
+    def focal_normalizer(self, num_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``(max(1, N_pos), divisor)``: the clamped positive count of the global batch (all ranks), and what this
+        rank divides its loss sums by, that count over the number of ranks ``W``.
 
         DDP averages gradients over ranks, so dividing each rank's sum by ``max(1, N_pos) / W`` makes that average
         the single-process gradient over the global batch (as in DETR). The global count is clamped before the
@@ -131,8 +135,10 @@ class FocalLossRPN(RegionProposalNetwork):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             num_pos = num_pos.clone()
             dist.all_reduce(num_pos)
-            return num_pos.clamp(min=1.0) / dist.get_world_size()
-        return num_pos.clamp(min=1.0)
+            num_pos = num_pos.clamp(min=1.0)
+            return num_pos, num_pos / dist.get_world_size()
+        num_pos = num_pos.clamp(min=1.0)
+        return num_pos, num_pos
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -166,7 +172,7 @@ class FocalLossRPN(RegionProposalNetwork):
         per_anchor = sigmoid_focal_loss(logit, positive, self.alpha, self.gamma, valid=valid)
 
         num_pos = positive.count_nonzero()
-        normalizer = self.focal_normalizer(num_pos.to(torch.float32))
+        global_num_pos, normalizer = self.focal_normalizer(num_pos.to(torch.float32))
         loss_sum = per_anchor.sum()
         loss_objectness = self.loss_weight * loss_sum / normalizer
 
@@ -183,7 +189,7 @@ class FocalLossRPN(RegionProposalNetwork):
             num_negative=negative.count_nonzero(), num_trained=valid.count_nonzero(), num_images=num_images,
             loss_sum=loss_sum.detach(),
         )  # fmt: skip
-        self.stats["focal_normalizer"] = normalizer.detach()
+        self.stats["focal_normalizer"] = global_num_pos  # max(1, N_pos) of the global batch, whatever W is
         return loss_objectness, loss_rpn_box_reg
 
     def forward(
@@ -237,12 +243,19 @@ def use_focal_rpn(
     alpha: float = 0.25,
     gamma: float = 2.0,
     prior_prob: float | None = 0.01,
+    score_thresh: float = 0.0,
 ) -> GeneralizedRCNN:
     """Replace ``model.rpn`` of any torchvision ``GeneralizedRCNN`` (Faster / Mask / Keypoint R-CNN) in place.
 
     Keeps the anchor generator, IoU thresholds, top-n and NMS settings, and the head's shared conv and
     box-regression weights. The objectness layer is always re-initialised: a trained A-channel layer does
     not fit a 2A-channel head, and both forms should start from the same prior.
+
+    ``score_thresh`` (the minimum object probability of a proposal) is not taken from the replaced RPN: its
+    threshold was chosen for the scores of a BCE-trained, sampled RPN (torchvision's MobileNet detectors use
+    0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01): kept, 0.05 would leave no
+    proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors);
+    a different replaced value is logged.
     """
     old = model.rpn
     if form not in FORMS:
@@ -255,6 +268,12 @@ def use_focal_rpn(
     head.bbox_pred.load_state_dict(old.head.bbox_pred.state_dict())
     head.to(old.head.bbox_pred.weight.device)
     matcher = old.proposal_matcher
+    if old.score_thresh != score_thresh:
+        log.info(
+            "use_focal_rpn: rpn score_thresh %g of the replaced RPN is not kept (it was set for BCE-trained scores; "
+            "the focal RPN starts every anchor at probability %s): now %g; pass score_thresh= to choose",
+            old.score_thresh, prior_prob, score_thresh,
+        )  # fmt: skip
     model.rpn = FocalLossRPN(
         old.anchor_generator,
         head,
@@ -263,7 +282,7 @@ def use_focal_rpn(
         pre_nms_top_n=dict(old._pre_nms_top_n),
         post_nms_top_n=dict(old._post_nms_top_n),
         nms_thresh=old.nms_thresh,
-        score_thresh=old.score_thresh,
+        score_thresh=score_thresh,
         form=form,
         loss_weight=loss_weight,
         alpha=alpha,

@@ -49,6 +49,13 @@ def validate_config(cfg: DictConfig) -> None:
     _check_number("rpn.bg_iou_thresh", rpn.bg_iou_thresh, lambda v: 0 <= v <= rpn.fg_iou_thresh,
                   f"with 0 <= rpn.bg_iou_thresh <= rpn.fg_iou_thresh ({rpn.fg_iou_thresh})")  # fmt: skip
     _check_number("rpn.nms_thresh", rpn.nms_thresh, lambda v: 0 < v <= 1, "in (0, 1]")
+    _check_number("rpn.score_thresh", rpn.score_thresh, lambda v: 0 <= v < 1, "in [0, 1)")
+    if rpn.loss == "focal" and rpn.prior_prob is not None:
+        # every anchor starts at probability prior_prob: a threshold above it lets no proposal through until the
+        # objectness has been trained, and the box head sees only the ground-truth boxes
+        _check(rpn.score_thresh < rpn.prior_prob, "rpn.score_thresh", rpn.score_thresh,
+               f"must be below rpn.prior_prob ({rpn.prior_prob}), the initial object probability of every anchor; "
+               "otherwise no anchor is proposed at the start of training")  # fmt: skip
     for key in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test"):
         _check_int(f"rpn.{key}", rpn[key], 1)
     _check_number("rpn.cls_lr_mult", rpn.cls_lr_mult, lambda v: v > 0, "> 0")
@@ -79,7 +86,17 @@ def validate_config(cfg: DictConfig) -> None:
     _check(cfg.check_images in (False, "header", "decode"), "check_images", cfg.check_images,
            "must be false, 'header' or 'decode'")  # fmt: skip
 
+    _validate_model(cfg)
     _validate_eval(cfg.eval)
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    """``model.name`` and ``model.backbone_weights`` (null, a torchvision weights name, or an existing file)."""
+    from .model import _BACKBONES, backbone_weights_source
+
+    _check(cfg.model.name in _BACKBONES, "model.name", cfg.model.name, f"must be one of {list(_BACKBONES)}")
+    resuming = cfg.get("resume") not in (False, None, "false")  # the checkpoint then holds the weights
+    backbone_weights_source(cfg.model, need_file=not resuming)
 
 
 def _validate_eval(e: DictConfig) -> None:

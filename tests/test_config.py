@@ -68,3 +68,42 @@ def test_experiment_sweeps_name_real_options():
         params = OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml").hydra.sweeper.params
         for rpn in str(params.rpn).split(","):
             assert rpn in options("rpn")
+
+
+def test_impossible_backbone_weights_are_reported_by_the_config_check(tmp_path):
+    """Before any data is read (``train`` and ``fl-rpn-check-data`` call ``validate_config`` first)."""
+    with pytest.raises(ValueError, match=r"^model.backbone_weights='NOT_A_WEIGHT' is neither a file nor a torchvis"):
+        validate_config(compose_config(["model=r50_fpn", "model.backbone_weights=NOT_A_WEIGHT"]))
+    with pytest.raises(ValueError, match="torchvision weights name of mobilenet_v3_large"):  # another model's weights
+        validate_config(compose_config(["model=mbv3_fpn", "model.backbone_weights=ResNet50_Weights.IMAGENET1K_V1"]))
+    with pytest.raises(FileNotFoundError, match="no such file .*no_such.pth"):
+        validate_config(compose_config(["model=r50_fpn", f"model.backbone_weights={tmp_path}/no_such.pth"]))
+    with pytest.raises(ValueError, match="tiny_fpn has no pretrained weights"):
+        validate_config(compose_config(["model.backbone_weights=IMAGENET1K_V1"]))
+    # valid: a weights name (nothing is downloaded here), a full enum name, an existing file; a missing one on resume
+    (tmp_path / "r50.pth").touch()
+    for weights in ("IMAGENET1K_V2", "ResNet50_Weights.IMAGENET1K_V1", str(tmp_path / "r50.pth")):
+        validate_config(compose_config(["model=r50_fpn", f"model.backbone_weights={weights}"]))
+    validate_config(compose_config(["model=r50_fpn", f"model.backbone_weights={tmp_path}/gone.pth", "resume=true"]))
+
+
+def test_a_score_threshold_above_the_prior_is_refused_for_the_focal_rpn():
+    with pytest.raises(ValueError, match=r"^config key rpn.score_thresh=0.05: must be below rpn.prior_prob \(0.01\)"):
+        validate_config(compose_config(["rpn=focal_sigmoid", "rpn.score_thresh=0.05"]))
+    validate_config(compose_config(["rpn=sampled", "rpn.score_thresh=0.05"]))
+    validate_config(compose_config(["rpn=focal_sigmoid", "rpn.score_thresh=0.005"]))
+    validate_config(compose_config(["rpn=focal_sigmoid", "rpn.score_thresh=0.05", "rpn.prior_prob=null"]))
+
+
+def test_the_shared_rpn_keys_are_a_base_not_an_option():
+    """``conf/_base/rpn.yaml`` holds the keys every rpn option shares; ``rpn=_common`` (it used to be offered, and
+    failed later) is now an unknown option, and the rpn group lists only real options."""
+    from hydra.errors import MissingConfigException
+
+    assert not list((CONF_DIR / "rpn").glob("_*.yaml"))
+    assert options("rpn") == ["focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "sampled"]
+    with pytest.raises(MissingConfigException, match="Could not find 'rpn/_common'"):
+        compose_config(["rpn=_common"])
+    for rpn in options("rpn"):  # every option still has the shared keys, with their values
+        cfg = compose_config([f"rpn={rpn}"])
+        assert (cfg.rpn.fg_iou_thresh, cfg.rpn.score_thresh, cfg.rpn.pre_nms_top_n_train) == (0.7, 0.0, 2000)

@@ -114,6 +114,7 @@ def normalizer_inputs(num_pos: int, seed: int, form: str, n: int = 60):
     labels[:num_pos] = 1.0
     labels[-10:] = -1.0
     objectness = torch.randn(n, 2 if form == "softmax" else 1, generator=g, dtype=torch.float64)
+    objectness[:, -1] -= 2.0  # object logit down: about half the negatives are easy (p < 0.1)
     return objectness, torch.randn(n, 4, generator=g, dtype=torch.float64), labels, torch.randn(n, 4, generator=g)
 
 
@@ -139,6 +140,7 @@ def normalizer_worker(spec: dict) -> None:
         for case, counts in NORMALIZER_CASES.items():
             objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, form)
             out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
+            out[form, case, "stats"] = {k: float(v) for k, v in rpn.stats.items()}
     dist.destroy_process_group()
     torch.save(out, f"{spec['record']}.{rank}.pt")
 
@@ -286,8 +288,8 @@ def test_first_step_equals_one_process_on_the_global_batch(rpn, ddp_run, cache, 
     single_losses = json.loads((single_dir / "history.json").read_text())[0]
     for k in ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss", "lr"):
         assert ddp_losses[k] == pytest.approx(single_losses[k], rel=1e-5), k
-    if rpn != "sampled":  # the normaliser is the global count over the ranks, the same number on both ranks
-        assert ddp_losses["rpn/focal_normalizer"] == pytest.approx(single_losses["rpn/focal_normalizer"] / 2, rel=1e-6)
+    if rpn != "sampled":  # the logged normaliser is the global count N_pos, whatever the number of ranks
+        assert ddp_losses["rpn/focal_normalizer"] == pytest.approx(single_losses["rpn/focal_normalizer"], rel=1e-6)
 
 
 # -- (c) DDP checkpoints resume, on 2 processes and on 1 ------------------------------------------------------------
@@ -407,10 +409,10 @@ def test_every_trainable_parameter_gets_a_gradient(compose_cfg):
         assert not unused, (rpn, unused)
 
 
-def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(tmp_path, cache):
+def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(normalizer_records):
     """DDP averages over ranks: the mean of the ranks' losses must be the one-process loss over the global batch,
     also when the global batch has fewer positives than ranks, or none (the clamp to >= 1 is global)."""
-    _, _, records = launch(tmp_path, "normalizer", cache, [], kind="normalizer")
+    records = normalizer_records
     for form in ("sigmoid", "softmax"):
         rpn = loss_only_rpn(form)
         for case, counts in NORMALIZER_CASES.items():
@@ -419,6 +421,36 @@ def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(tmp_pa
             single = rpn.compute_loss(objectness, deltas, [p[2] for p in parts], [p[3].double() for p in parts])
             ddp_mean = (records[0][form, case] + records[1][form, case]) / 2
             torch.testing.assert_close(ddp_mean, torch.stack(single), rtol=1e-12, atol=0, msg=f"{form} {case}")
+
+
+@pytest.fixture(scope="module")
+def normalizer_records(tmp_path_factory, cache):
+    return launch(tmp_path_factory.mktemp("normalizer"), "normalizer", cache, [], kind="normalizer")[2]
+
+
+def test_the_logged_normalizer_and_easy_negative_share_are_global_on_every_rank(normalizer_records):
+    """``rpn/focal_normalizer`` is max(1, N_pos) of the global batch (not that over the world size), and
+    ``rpn/easy_negative_loss_share`` the ratio of the global sums (not a mean of the ranks' ratios)."""
+    from fl_rpn.diagnostics import EASY_LOGIT
+    from fl_rpn.losses import sigmoid_focal_loss
+
+    for form in ("sigmoid", "softmax"):
+        for case, counts in NORMALIZER_CASES.items():
+            easy, total = [], []
+            for rank, num_pos in enumerate(counts):
+                objectness, _, labels, _ = normalizer_inputs(num_pos, rank, form)
+                logit = objectness[:, -1] - objectness[:, 0] if form == "softmax" else objectness[:, 0]
+                loss = sigmoid_focal_loss(logit, labels == 1, valid=labels >= 0)
+                easy.append(loss[(labels == 0) & (logit < EASY_LOGIT)].sum().item())
+                total.append(loss.sum().item())
+            share = sum(easy) / sum(total)
+            for rank in range(2):
+                stats = normalizer_records[rank][form, case, "stats"]
+                assert stats["focal_normalizer"] == max(1, sum(counts)), (form, case, rank)  # 5, 1, 1
+                assert stats["easy_negative_loss_share"] == pytest.approx(share, rel=1e-6), (form, case, rank)
+            if case == "both_ranks":  # here the mean of the ranks' ratios is 7 % (sigmoid) off the global ratio
+                per_rank_mean = sum(e / t for e, t in zip(easy, total)) / 2
+                assert abs(per_rank_mean - share) > 0.02 * share, form
 
 
 if __name__ == "__main__":

@@ -125,3 +125,15 @@ def test_values_match_torchvision_sigmoid_focal_loss():
     logits = torch.randn(10_000, generator=g) * 6
     targets = (torch.rand(10_000, generator=g) < 0.1).float()
     torch.testing.assert_close(sigmoid_focal_loss(logits, targets), torchvision_focal(logits, targets))
+
+
+def test_log_one_plus_exp_is_within_1e7_of_log1p():
+    """The accuracy claim in ``_SigmoidFocalLoss.forward``: in float32, ``log(1 + x)`` for ``x = exp(-|m|)`` is within
+    1e-7 of ``log1p(x)``, and the loss matches a float64 ``log1p`` reference to float32 precision."""
+    m = torch.linspace(-40, 40, 200_001)
+    x = torch.exp(-m.abs())
+    assert (torch.log(1 + x) - torch.log1p(x)).abs().max().item() < 1e-7
+    m64 = m.double()
+    reference = 0.75 * torch.sigmoid(m64) ** 2 * (m64.clamp(min=0) + torch.log1p(torch.exp(-m64.abs())))
+    torch.testing.assert_close(sigmoid_focal_loss(m, torch.zeros_like(m), 0.25, 2.0).double(), reference,
+                               rtol=1.3e-6, atol=1e-7)  # fmt: skip

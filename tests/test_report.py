@@ -246,3 +246,40 @@ def test_a_real_sweep_through_the_launcher(tmp_path):
 def test_tick_labels_keep_every_swept_value():
     assert tick_label("rpn=focal_sigmoid,rpn.gamma=1") == "focal_sigmoid 1"
     assert tick_label("rpn=sampled") == "sampled"
+
+
+def test_loss_curves_plot_comparable_terms_and_short_runs_are_warned_about(tmp_path):
+    """The box head's terms are summed as they are; each arm's RPN terms are relative to its first logged value."""
+    history = {
+        "sampled": [{"iteration": 10, "loss_objectness": 0.6, "loss_rpn_box_reg": 0.2, "loss_classifier": 0.5,
+                     "loss_box_reg": 0.3},
+                    {"iteration": 20, "loss_objectness": 0.3, "loss_rpn_box_reg": 0.1, "loss_classifier": 0.4,
+                     "loss_box_reg": 0.2}],
+        "focal_softmax": [{"iteration": 10, "loss_objectness": 0.05, "loss_rpn_box_reg": 0.4, "loss_classifier": 0.7,
+                           "loss_box_reg": 0.1},
+                          {"iteration": 20, "loss_objectness": 0.04, "loss_rpn_box_reg": 0.1, "loss_classifier": 0.6,
+                           "loss_box_reg": 0.1}],
+    }  # fmt: skip
+    for rpn, h in history.items():
+        fake_run(tmp_path, rpn, [f"rpn={rpn}", "seed=0"], {"bbox/AP": 0.001, "bbox/AP50": 0.004,
+                                                            "train/iterations": 20}, h)  # fmt: skip
+    from fl_rpn.report import loss_curve_panels
+
+    summary = report([tmp_path], metrics=["bbox/AP", "bbox/AP50"])
+    head, objectness, rpn_box = loss_curve_panels(summary).values()
+    assert head["rpn=sampled"] == ([10, 20], [pytest.approx(0.8), pytest.approx(0.6)])
+    assert head["rpn=focal_softmax"] == ([10, 20], [pytest.approx(0.8), pytest.approx(0.7)])
+    assert objectness["rpn=sampled"] == ([10, 20], [1.0, pytest.approx(0.5)])
+    assert objectness["rpn=focal_softmax"] == ([10, 20], [1.0, pytest.approx(0.8)])
+    assert rpn_box["rpn=focal_softmax"] == ([10, 20], [1.0, pytest.approx(0.25)])
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    text = (tmp_path / "report.md").read_text()
+    assert "Warning: every arm's bbox/AP, bbox/AP50 is below 1 %: these runs (20 iterations) are far too short" in text
+    # a run that learnt something: no warning
+    (tmp_path / "sampled" / "metrics.json").write_text(json.dumps({"bbox/AP": 0.2, "train/iterations": 20}))
+    assert "Warning" not in markdown_text(tmp_path)
+
+
+def markdown_text(root):
+    report([root], metrics=["bbox/AP", "bbox/AP50"])
+    return (root / "report.md").read_text()

@@ -255,7 +255,7 @@ def test_use_focal_rpn_keeps_torchvision_settings():
         assert isinstance(new, FocalLossRPN) and new.gamma == 1.0
         assert new.anchor_generator is old.anchor_generator
         assert new._pre_nms_top_n == old._pre_nms_top_n and new._post_nms_top_n == old._post_nms_top_n
-        assert new.nms_thresh == old.nms_thresh and new.score_thresh == old.score_thresh
+        assert new.nms_thresh == old.nms_thresh and new.score_thresh == 0.0  # not the replaced RPN's 0.05
         assert new.proposal_matcher.high_threshold == old.proposal_matcher.high_threshold
         assert new.proposal_matcher.low_threshold == old.proposal_matcher.low_threshold
         torch.testing.assert_close(new.head.bbox_pred.weight, old.head.bbox_pred.weight)
@@ -271,6 +271,53 @@ def test_use_focal_rpn_keeps_the_models_mode():
     assert not model.rpn.training
     detections = model([torch.rand(3, 96, 96)])  # would need targets if the new RPN were in training mode
     assert set(detections[0]) == {"boxes", "labels", "scores"}
+
+
+def rpn_builders() -> list[str]:
+    """Every builder of ``torchvision.models.detection`` whose model has an RPN (a ``GeneralizedRCNN``)."""
+    import inspect
+
+    import torchvision
+    from torchvision.models import get_model_builder, list_models
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    names = list_models(module=torchvision.models.detection)
+    returns = {n: inspect.signature(get_model_builder(n)).return_annotation for n in names}
+    return [n for n, r in returns.items() if isinstance(r, type) and issubclass(r, GeneralizedRCNN)]
+
+
+def test_the_rpn_builders_are_the_faster_mask_and_keypoint_rcnn_variants():
+    assert sorted(rpn_builders()) == [
+        "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
+        "fasterrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", rpn_builders())
+def test_use_focal_rpn_gives_proposals_on_every_torchvision_rpn_builder(name, caplog):
+    """The MobileNet builders set rpn_score_thresh=0.05, above the 0.01 prior of every anchor: kept, it left
+    0 proposals in eval and in training. use_focal_rpn resets it to 0 and logs that it did."""
+    from torchvision.models import get_model_builder
+
+    model = get_model_builder(name)(weights=None, weights_backbone=None, num_classes=2, min_size=64, max_size=64)
+    replaced = model.rpn.score_thresh
+    with caplog.at_level("INFO", logger="fl_rpn.rpn"):
+        use_focal_rpn(model, form="sigmoid")
+    assert model.rpn.score_thresh == 0.0
+    assert ("score_thresh 0.05 of the replaced RPN is not kept" in caplog.text) == (replaced == 0.05)
+    proposals = []
+    model.rpn.register_forward_hook(lambda module, args, out: proposals.append([len(b) for b in out[0]]))
+    image = torch.rand(3, 64, 64)
+    model.eval()([image])
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([1])}
+    if name.startswith("mask"):
+        target["masks"] = torch.zeros(1, 64, 64, dtype=torch.uint8)
+        target["masks"][0, 8:48, 8:40] = 1
+    if name.startswith("keypoint"):
+        target["keypoints"] = torch.tensor([[[20.0, 20.0, 1.0]] * 17])
+    losses = model.train()([image], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert len(proposals) == 2 and min(proposals[0]) > 0 and min(proposals[1]) > 0, proposals
 
 
 @pytest.mark.parametrize("form", ["sigmoid", "softmax"])

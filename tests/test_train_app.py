@@ -195,11 +195,93 @@ def grad_norms_at_each_step(monkeypatch, tmp_path, *overrides):
 
 
 def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, monkeypatch):
+    """With one objectness logit per anchor the clipped norm is the plain L2 norm of all gradients."""
     monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    unclipped = grad_norms_at_each_step(monkeypatch, tmp_path / "a")
-    clipped = grad_norms_at_each_step(monkeypatch, tmp_path / "b", "clip_grad_norm=0.05")
+    unclipped = grad_norms_at_each_step(monkeypatch, tmp_path / "a", "rpn=focal_sigmoid")
+    clipped = grad_norms_at_each_step(monkeypatch, tmp_path / "b", "rpn=focal_sigmoid", "clip_grad_norm=0.05")
     assert len(unclipped) == len(clipped) == 2 and min(unclipped) > 0.5
     assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
+
+
+def softmax_twin(sigmoid_model, softmax_model):
+    """Give ``softmax_model`` the weights of ``sigmoid_model``, with ``z_bg = 0`` and ``z_obj`` the sigmoid logit."""
+    state = softmax_model.state_dict()
+    for k, v in sigmoid_model.state_dict().items():
+        if "rpn.head.cls_logits" in k:
+            state[k] = torch.zeros_like(state[k])
+            state[k][1::2] = v  # anchor-major channels: a0:bg, a0:obj, a1:bg, ...
+        else:
+            state[k] = v
+    softmax_model.load_state_dict(state)
+    return softmax_model
+
+
+def losses_and_norms(model, cfg, clip, steps=5, max_norm=0.5):
+    """``steps`` SGD steps (the run's optimizer, lr 0.02, momentum, weight decay) on one fixed batch, clipped."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 128, generator=g, dtype=torch.float64) for _ in range(2)]
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 60.0, 80.0], [50.0, 5.0, 120.0, 40.0]], dtype=torch.float64),
+         "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[30.0, 30.0, 70.0, 90.0]], dtype=torch.float64), "labels": torch.tensor([1])},
+    ]  # fmt: skip
+    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, global_batch=16)
+    losses, norms = [], []
+    model.train()
+    for step in range(steps):
+        torch.manual_seed(step)  # the same RoI sample in both arms
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(float(clip(model, max_norm)))
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, norms
+
+
+@pytest.mark.parametrize("clip", ["fl_rpn", "torch"])
+def test_with_clipping_softmax_and_its_lr2_sigmoid_control_take_the_same_steps(clip):
+    """Softmax and sigmoid x 2 start from the same function (z_obj - z_bg = the sigmoid logit) and, clipped, stay
+    the same: ``clip_grad_norm_`` counts the objectness gradient once per logit difference. torch's plain
+    clip_grad_norm_ counts it twice in the softmax form and the arms drift apart."""
+    from fl_rpn.engine.optim import clip_grad_norm_
+
+    clip_fn = clip_grad_norm_ if clip == "fl_rpn" else lambda m, n: torch.nn.utils.clip_grad_norm_(m.parameters(), n)
+    size = ["model.detector.min_size=96", "model.detector.max_size=128"]
+    runs = {}
+    for rpn in ("focal_sigmoid_lr2", "focal_softmax"):
+        cfg = compose_config([f"rpn={rpn}", *size])
+        torch.manual_seed(0)
+        runs[rpn] = (cfg, build_model(cfg, num_classes=2).double())
+    softmax_twin(runs["focal_sigmoid_lr2"][1], runs["focal_softmax"][1])
+    sigmoid_losses, sigmoid_norms = losses_and_norms(*reversed(runs["focal_sigmoid_lr2"]), clip_fn)
+    softmax_losses, softmax_norms = losses_and_norms(*reversed(runs["focal_softmax"]), clip_fn)
+    assert min(sigmoid_norms) > 0.5  # clipping is active at every step
+    assert softmax_losses[0] == pytest.approx(sigmoid_losses[0], rel=1e-12)  # the same function at the start
+    if clip == "fl_rpn":
+        assert softmax_norms == pytest.approx(sigmoid_norms, rel=1e-9)
+        assert softmax_losses == pytest.approx(sigmoid_losses, rel=1e-9)
+    else:
+        assert softmax_norms[0] > sigmoid_norms[0] * (1 + 1e-6)
+        assert abs(softmax_losses[-1] - sigmoid_losses[-1]) > 1e-6 * sigmoid_losses[-1]
+
+
+def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp_path, monkeypatch):
+    from fl_rpn.eval import evaluate_checkpoint
+
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    overrides = [*FAST, "seed=3", "rpn=focal_sigmoid", "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]
+    train(compose_config(overrides))
+    cfg = compose_config(
+        [f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY[:4], "eval.evaluators=[]", "num_workers=0",
+         f"output_dir={tmp_path / 'eval'}"], config_name="eval",
+    )  # fmt: skip
+    assert (cfg.seed, cfg.schedule.max_iters, cfg.rpn.name) == (0, 600, "focal_softmax")  # eval.yaml's defaults
+    evaluate_checkpoint(cfg)
+    recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())["provenance"]
+    assert recorded["seed"] == 3 and recorded["rpn"] == "focal_sigmoid" and recorded["model"] == "tiny_fpn"
+    assert recorded["schedule"] == "cpu_demo: 1 iterations x 2 images" and recorded["train_world_size"] == 1
+    assert recorded["dataset"] == "synthetic" and recorded["train_dataset"] == "synthetic"
 
 
 def test_cls_lr_mult_keeps_the_objectness_layers_lr_times_weight_decay():
@@ -238,3 +320,52 @@ def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_
         (output,) = predict(model, [source.float() / 255])
         for x1, y1, _, _ in output["proposals"][:5].long().tolist():  # every box's corner is outlined
             assert (drawn[name][:, y1, x1] == 128).all()
+
+
+def test_drawings_use_a_colour_per_class_and_labels_that_scale_with_the_image():
+    from fl_rpn.predict import PALETTE, draw_boxes, drawing_sizes
+
+    assert drawing_sizes(torch.zeros(3, 96, 128)) == (1, 10)
+    assert drawing_sizes(torch.zeros(3, 640, 960)) == (2, 16) and drawing_sizes(torch.zeros(3, 1280, 1280)) == (4, 32)
+    rgb = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PALETTE[:2]]
+    for side in (320, 1280):
+        image = torch.full((3, side, side), 255, dtype=torch.uint8)
+        boxes = torch.tensor([[0.2, 0.3, 0.45, 0.8], [0.55, 0.3, 0.9, 0.8]]) * side
+        drawn = draw_boxes(image, boxes, torch.tensor([1, 2]), ["circle 0.91", "square 0.50"])
+        width, font_size = drawing_sizes(image)
+        for (x1, y1, _, y2), colour in zip(boxes.long().tolist(), rgb):
+            assert tuple(drawn[:, (y1 + y2) // 2, x1].tolist()) == colour  # the left edge, in the class colour
+            # the filled label hangs from the box's top-left corner: about font_size rows of the class colour
+            column = (drawn[:, y1 : y1 + 3 * font_size, x1 + width + 1] == torch.tensor(colour)[:, None]).all(0)
+            assert 0.7 * font_size <= column.sum() <= 2 * font_size, (side, int(column.sum()))
+
+
+def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tmp_path, monkeypatch):
+    from fl_rpn.data import build_dataset
+    from fl_rpn.predict import PALETTE
+
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
+    val = build_dataset(compose_config(TINY).dataset.val, train=False)
+    first, second = val.records[0], val.records[1]
+    assert len(first.boxes) > 0
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    inputs = [first.file, tmp_path / "bad.png", second.file, tmp_path / "empty.jpg"]
+    overrides = [f"checkpoint={tmp_path / 'run' / 'last.pt'}", f"inputs=[{','.join(map(str, inputs))}]",
+                 f"out_dir={tmp_path / 'out'}", "score_thresh=1.1", "ground_truth=true", *TINY[:4]]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^inputs: 2 of 4 images could not be read \(the other 2 were drawn") as e:
+        predict_images(compose_config(overrides, config_name="predict"))
+    assert "bad.png" in str(e.value) and "empty.jpg" in str(e.value)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted([f"{first.file.stem}.png", f"{second.file.stem}.png"])  # the ones after a bad one too
+    drawing = decode_image(str(tmp_path / "out" / f"{first.file.stem}.png"))
+    original = decode_image(str(first.file))
+    height, width = original.shape[1:]
+    assert tuple(drawing.shape) == (3, height, 2 * width + 8)  # ground truth | gap | predictions
+    assert torch.equal(drawing[:, :, width + 8 :], original)  # score_thresh 1.1: no detection drawn on the right
+    left = drawing[:, :, :width]
+    x1, y1, x2, y2 = first.boxes[0].astype(int).tolist()
+    hex_colour = PALETTE[int(first.labels[0]) - 1]
+    colour = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
+    assert left[:, (y1 + y2) // 2, x1].tolist() == colour  # the ground-truth box in its class colour

@@ -1,7 +1,9 @@
-"""SGD with the linear lr-scaling rule, and an iteration-based warm-up + step schedule."""
+"""SGD with the linear lr-scaling rule, an iteration-based warm-up + step schedule, and gradient clipping."""
 
+import torch
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -33,6 +35,28 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig, cls_lr_mult: float,
         },
     ]  # fmt: skip
     return SGD(groups, lr=lr, momentum=optim_cfg.momentum, weight_decay=weight_decay)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (one factor ``min(1, max_norm / norm)`` for every gradient) with the RPN
+    objectness layer counted once per logit difference; returns the norm before clipping (0-d).
+
+    A softmax head's loss depends on ``z_obj - z_bg`` only, so the two rows of each anchor in ``cls_logits`` get
+    the gradients ``g`` and ``-g``: the plain norm counts ``|g|^2`` twice where the sigmoid form (one logit,
+    gradient ``g``) counts it once. The clip factor, which scales every layer, then differs between
+    ``rpn=focal_softmax`` and its control ``rpn=focal_sigmoid_lr2``, and so do their steps. Here the layer's
+    squared norm is divided by its logits per anchor (1: sigmoid and sampled, where this is the plain norm;
+    2: softmax), i.e. measured on the logit difference, and the two arms keep taking the same steps.
+    """
+    head = model.rpn.head
+    logits_per_anchor = head.cls_logits.out_channels // (head.bbox_pred.out_channels // 4)
+    cls_ids = {id(p) for p in head.cls_logits.parameters()}
+    params = [p for p in model.parameters() if p.grad is not None]
+    other = get_total_norm([p.grad for p in params if id(p) not in cls_ids])
+    cls = get_total_norm([p.grad for p in params if id(p) in cls_ids])
+    norm = torch.sqrt(other.square() + cls.square() / logits_per_anchor)
+    clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def lr_factor(iteration: int, schedule: DictConfig) -> float:

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler, lr_factor, scaled_lr
+from .optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_factor, scaled_lr
 from .stream import TrainStream
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 scaler.scale(loss).backward()
                 if cfg.clip_grad_norm is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+                    clip_grad_norm_(model, cfg.clip_grad_norm)  # the softmax logit difference counted once
                 scaler.step(optimizer)
                 scaler.update()
                 step_scalars = {"loss": loss, **losses, **{f"rpn/{k}": v for k, v in model.rpn.stats.items()}}
