@@ -121,9 +121,9 @@ def loader_arm(stream: TrainStream, model, optimizer, amp_dtype, steps: int, dev
             for _ in range(steps):
                 t0 = time.perf_counter()
                 images, targets = next(batches)
-                images = [im.to(device, non_blocking=True) for im in images]
-                targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                           for t in targets]  # fmt: skip
+                images = [im.to(device, non_blocking=im.is_pinned()) for im in images]
+                targets = [{k: v.to(device, non_blocking=v.is_pinned()) if torch.is_tensor(v) else v
+                            for k, v in t.items()} for t in targets]  # fmt: skip
                 waits.append(time.perf_counter() - t0)
                 train_step(model, optimizer, images, targets, device, amp_dtype)
         finally:
@@ -203,7 +203,9 @@ def main() -> None:
         dataset, data_cfg = load_dataset(args, size)
         if dataset.meta.num_classes > args.num_classes:
             parser.error(f"--num-classes {args.num_classes} < the dataset's {dataset.meta.num_classes} classes")
-        stream = TrainStream(dataset, args.batch, args.workers, args.seed, data_cfg.group_aspect_ratio)
+        stream = TrainStream(
+            dataset, args.batch, args.workers, args.seed, data_cfg.group_aspect_ratio, pin_memory=device.type == "cuda"
+        )
         model, optimizer, amp_dtype = build_arm(args, args.loader_amp, args.loader_channels_last == "on", size, device)
         record = {"first": [], "wait": []}
         same = arm_name(args.loader_amp, args.loader_channels_last == "on")

@@ -88,12 +88,13 @@ def build_loader(
     group_aspect_ratio: bool,
     distributed: bool = False,
     aspect_ratio_group_factor: int = 3,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """DataLoader yielding ``(images, targets)`` tuples.
 
     Train: shuffled by a ``torch.Generator`` seeded with ``seed`` (or DistributedSampler with ``seed``;
     the caller calls ``loader.batch_sampler.sampler.set_epoch`` each epoch), batches grouped by aspect
-    ratio when ``group_aspect_ratio``. Eval: sequential order (DistributedSampler without shuffling when
+    ratio when ``group_aspect_ratio``. ``pin_memory``: page-locked batches, for a model on CUDA only. Eval: sequential order (DistributedSampler without shuffling when
     distributed; it pads with repeated images to equal rank sizes, so evaluators should dedupe by
     ``image_id``). Worker seeds come from a generator seeded with ``seed``, so random flips in workers
     are reproducible.
@@ -115,6 +116,6 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + 1),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         worker_init_fn=ignore_sigterm,
     )
