@@ -94,10 +94,10 @@ def build_loader(
 
     Train: shuffled by a ``torch.Generator`` seeded with ``seed`` (or DistributedSampler with ``seed``;
     the caller calls ``loader.batch_sampler.sampler.set_epoch`` each epoch), batches grouped by aspect
-    ratio when ``group_aspect_ratio``. ``pin_memory``: page-locked batches, for a model on CUDA only. Eval: sequential order (DistributedSampler without shuffling when
+    ratio when ``group_aspect_ratio``. Eval: sequential order (DistributedSampler without shuffling when
     distributed; it pads with repeated images to equal rank sizes, so evaluators should dedupe by
     ``image_id``). Worker seeds come from a generator seeded with ``seed``, so random flips in workers
-    are reproducible.
+    are reproducible. ``pin_memory``: page-locked batches, for a model on CUDA only.
     """
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
