@@ -16,7 +16,9 @@
 # Environment: GPU_CHECK_COCO128 = the coco128/ folder (default data/coco128, git-ignored: copy it there);
 # GPU_CHECK_DEMO_ITERS = iterations of the demo run (default: the demo's own 600, so that its schedule and
 # metrics compare with the README's CPU run). A step that fails or runs out of time is reported and the others
-# still run; the exit status is 1 if any step failed (or, but the compiled arm, had no time left). GPU_CHECK_BUDGET_S: the seconds all steps may take (465).
+# still run; the exit status is 1 if any step failed (or, but the compiled arm, had no time left).
+# GPU_CHECK_BUDGET_S: the seconds all steps may take (465). PYTHON: the interpreter with the project's
+# dependencies installed (default: python on PATH; the repository itself is put on PYTHONPATH).
 set -uo pipefail
 # paths given relative to the caller's directory stay so after the cd to the repository root
 [ -n "${OUT:-}" ] && OUT=$(realpath -m "$OUT")
