@@ -89,14 +89,19 @@ def attach_anchor_diagnostics(rpn: RegionProposalNetwork) -> None:
     def observed_compute_loss(objectness, pred_bbox_deltas, labels, regression_targets):
         losses = compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
         pos, neg = recorder.last
-        trained = torch.where(torch.cat(pos).bool() | torch.cat(neg).bool())[0]  # 256 per image
+        sampled = torch.cat(pos).bool() | torch.cat(neg).bool()  # at most batch_size_per_image per image
+        # Their indices without a host sync (torch.where would wait for the count): a fixed-size index list,
+        # padded with index 0 past the real ones, which ``real`` masks out.
+        size = min(recorder.batch_size_per_image * len(labels), sampled.numel())
+        trained = torch.nonzero_static(sampled, size=size, fill_value=0).squeeze(1)
+        num_trained = sampled.count_nonzero()
+        real = torch.arange(size, device=sampled.device) < num_trained
         flat_labels = torch.cat(labels)
         logit, label = objectness.detach().flatten()[trained], flat_labels[trained]
-        bce = F.binary_cross_entropy_with_logits(logit, label.clamp(min=0), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logit, label.clamp(min=0), reduction="none") * real
         rpn.stats = anchor_statistics(
-            logit, label == 0, bce, num_positive=(flat_labels == 1).count_nonzero(),
-            num_negative=(flat_labels == 0).count_nonzero(), num_images=len(labels),
-            num_trained=torch.tensor(trained.numel(), device=logit.device),
+            logit, (label == 0) & real, bce, num_positive=(flat_labels == 1).count_nonzero(),
+            num_negative=(flat_labels == 0).count_nonzero(), num_images=len(labels), num_trained=num_trained,
         )  # fmt: skip
         return losses
 

@@ -31,7 +31,8 @@ class _SigmoidFocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, positive: Tensor, valid: Tensor | None, alpha: float, gamma: float) -> Tensor:
         m = torch.where(positive, -logits, logits)
-        weight = torch.where(positive, logits.new_tensor(alpha), logits.new_tensor(1.0 - alpha))
+        # alpha_t without a 0-d tensor made from a Python number (on CUDA, a blocking host-to-device copy)
+        weight = torch.full_like(logits, 1.0 - alpha).masked_fill_(positive, alpha)
         if valid is not None:  # ignored anchors: weight 0, and m = 0 so a non-finite logit cannot leak in as NaN
             m = torch.where(valid, m, 0.0)
             weight = torch.where(valid, weight, 0.0)

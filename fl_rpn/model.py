@@ -4,6 +4,7 @@ Config groups read here (see ``conf/model`` and ``conf/rpn``):
     ``model.name``: ``r50_fpn`` (torchvision's fasterrcnn_resnet50_fpn layout), ``mbv3_fpn``
     (fasterrcnn_mobilenet_v3_large_fpn) or ``tiny_fpn`` (a small GroupNorm CNN for CPU runs and tests).
     ``model.backbone_weights``: null | a torchvision weights name | a local file path.
+    ``channels_last`` / ``compile`` (root keys): applied by ``apply_speed_options`` where the trainer builds the model.
     ``model.detector``: keyword arguments of ``FasterRCNN`` (min_size, box_* ...), passed verbatim.
     ``rpn.loss``: ``sampled`` keeps torchvision's ``RegionProposalNetwork`` untouched; ``focal`` swaps in
     ``FocalLossRPN`` with ``rpn.form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob``.
@@ -31,7 +32,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .rpn import use_focal_rpn
 
-__all__ = ["build_model", "build_backbone", "TinyBackbone", "RPN_DETECTOR_KEYS"]
+__all__ = ["build_model", "build_backbone", "apply_speed_options", "TinyBackbone", "RPN_DETECTOR_KEYS", "COMPILE_MODES"]
 
 # rpn.<key> -> FasterRCNN(rpn_<key>=...)
 RPN_DETECTOR_KEYS = (
@@ -195,3 +196,24 @@ def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: boo
     if rpn_cfg.loss == "focal":
         use_focal_rpn(model, **{k: rpn_cfg[k] for k in FOCAL_KEYS}, score_thresh=rpn_cfg.score_thresh)
     return model
+
+
+COMPILE_MODES = (None, "default", "max-autotune")  # config key compile -> torch.compile(mode=...)
+
+
+def apply_speed_options(model: FasterRCNN, *, channels_last: bool = False, compile_mode: str | None = None) -> None:
+    """Speed options of the root config, in place; the parameters and the ``state_dict`` keys stay the same.
+
+    ``channels_last``: every 4-d weight in NHWC layout, so the convolutions (which take the layout from their
+    weight) run in NHWC, what tensor cores prefer; the padded ``[N, 3, H, W]`` image batch stays NCHW.
+    ``compile_mode``: ``torch.compile`` the forward of the backbone + FPN and of the RPN head in place
+    (``nn.Module.compile``), so no ``_orig_mod.`` prefix enters the checkpoint keys. The anchor matching, NMS and
+    RoI heads stay eager (dynamic shapes). The first steps are slow while it compiles, once per new input shape.
+    """
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"config key compile={compile_mode!r}: must be null, 'default' or 'max-autotune'")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_mode is not None:
+        model.backbone.compile(mode=compile_mode)
+        model.rpn.head.compile(mode=compile_mode)

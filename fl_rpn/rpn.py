@@ -148,17 +148,14 @@ class FocalLossRPN(RegionProposalNetwork):
             objectness: ``[R, C]`` logits (C = 1 sigmoid, C = 2 softmax with column 0 background).
             pred_bbox_deltas: ``[R, 4]``.
             labels: per image ``[R_n]`` floats, 1 object, 0 background, -1 ignored (between thresholds).
-            regression_targets: per image ``[R_n, 4]``.
+            regression_targets: per image ``[R_n, 4]``, or one ``[R, 4]`` for the batch (``forward`` passes that).
 
         Returns:
             ``(loss_objectness, loss_rpn_box_reg)``, scalars.
         """
         num_images = len(labels)
-        positive_per_image = [lab == 1 for lab in labels]
-        # the box loss needs the few positives only: take them per image, not from a copy of all R x 4 targets
-        regression_targets = torch.cat([t[pos] for t, pos in zip(regression_targets, positive_per_image)])
-        positive = torch.cat(positive_per_image)
-        negative = torch.cat(labels) == 0
+        flat_labels = torch.cat(labels)
+        positive, negative = flat_labels == 1, flat_labels == 0
         expected = (positive.shape[0], FORMS[self.form])
         if tuple(objectness.shape) != expected:
             raise ValueError(f"{self.form} FocalLossRPN expects objectness {expected}, got {tuple(objectness.shape)}")
@@ -176,11 +173,12 @@ class FocalLossRPN(RegionProposalNetwork):
         loss_sum = per_anchor.sum()
         loss_objectness = self.loss_weight * loss_sum / normalizer
 
-        # Only the few positives (~0.1 % of R) have a box loss: index them (one host sync, as torchvision's
-        # sampler and filter_proposals have) rather than run smooth L1 and its backward over all R x 4 deltas.
+        # Only the few positives (~0.1 % of R) have a box loss: index them (the one host sync of this method, as
+        # torchvision's compute_loss has) rather than run smooth L1 and its backward over all R x 4 deltas.
         pos_idx = torch.where(positive)[0]
+        targets = regression_targets[0] if len(regression_targets) == 1 else torch.cat(regression_targets)
         box_loss = F.smooth_l1_loss(
-            pred_bbox_deltas[pos_idx].to(dtype), regression_targets.to(dtype), beta=1 / 9, reduction="sum"
+            pred_bbox_deltas[pos_idx].to(dtype), targets[pos_idx].to(dtype), beta=1 / 9, reduction="sum"
         )
         loss_rpn_box_reg = box_loss / (2 * normalizer)
 
@@ -220,7 +218,9 @@ class FocalLossRPN(RegionProposalNetwork):
             if targets is None:
                 raise ValueError("targets should not be None")
             labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
-            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            # one [R, 4] tensor for the batch: box_coder.encode would split it per image for compute_loss to copy
+            # it back together
+            regression_targets = [self.box_coder.encode_single(torch.cat(matched_gt_boxes), torch.cat(anchors))]
             loss_objectness, loss_rpn_box_reg = self.compute_loss(
                 objectness, pred_bbox_deltas, labels, regression_targets
             )

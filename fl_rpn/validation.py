@@ -80,6 +80,11 @@ def validate_config(cfg: DictConfig) -> None:
     _check_int("num_workers", cfg.num_workers, 0)
     _check_number("hflip_prob", cfg.hflip_prob, lambda v: 0 <= v <= 1, "in [0, 1]")
     _check(cfg.amp in (None, "bf16", "fp16"), "amp", cfg.amp, "must be null, bf16 or fp16")
+    _check(not (cfg.amp == "fp16" and str(cfg.device) == "cpu"), "amp", cfg.amp,
+           "fp16 needs CUDA (its GradScaler); on the CPU use amp=bf16 or null")  # fmt: skip
+    _check(isinstance(cfg.channels_last, bool), "channels_last", cfg.channels_last, "must be true or false")
+    _check(cfg.compile in (None, "default", "max-autotune"), "compile", cfg.compile,
+           "must be null, 'default' or 'max-autotune'")  # fmt: skip
     _check(cfg.nonfinite in ("stop", "skip"), "nonfinite", cfg.nonfinite, "must be 'stop' or 'skip'")
     _check(cfg.clip_grad_norm is None or (_is_number(cfg.clip_grad_norm) and cfg.clip_grad_norm > 0),
            "clip_grad_norm", cfg.clip_grad_norm, "must be null or a number > 0")  # fmt: skip

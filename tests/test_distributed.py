@@ -251,7 +251,7 @@ def test_distributed_evaluation_counts_each_image_once(ddp_run, cache, compose_c
 class GlobalBatchStream:
     """Stands in for ``TrainStream`` in one process: iteration i yields rank 0's and rank 1's batches i, joined."""
 
-    def __init__(self, dataset, batch_size, num_workers, seed, group_aspect_ratio, dist_info=None) -> None:
+    def __init__(self, dataset, batch_size, num_workers, seed, group_aspect_ratio, dist_info=None, pin_memory=False):
         half = batch_size // 2
         self.ranks = [TrainStream(dataset, half, 0, seed, group_aspect_ratio, DistInfo(r, 2)) for r in (0, 1)]
 

@@ -80,6 +80,8 @@ def finite_state(ckpt):
         ("eval.evaluators=[coco,vco07]", "eval.evaluators"),
         ("check_images=yes", "check_images"),
         ("nonfinite=ignore", "nonfinite"),
+        ("channels_last=yes", "channels_last"),
+        ("compile=fast", "compile"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_key(override, key):
@@ -87,9 +89,9 @@ def test_invalid_values_are_rejected_naming_the_key(override, key):
         validate_config(compose_config([override]))
 
 
-def test_amp_on_the_cpu_is_rejected_naming_the_key_before_reading_any_data(tmp_path, cache):
-    cfg = compose_config([*FAST, "device=cpu", "amp=bf16", f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(ValueError, match=r"config key amp=bf16: needs CUDA; this run is on cpu"):
+def test_fp16_on_the_cpu_is_rejected_naming_the_key_before_reading_any_data(tmp_path, cache):
+    cfg = compose_config([*FAST, "device=cpu", "amp=fp16", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"config key amp='fp16': fp16 needs CUDA \(its GradScaler\)"):
         train(cfg)
     assert not cache.exists() and not (tmp_path / "run").exists()
 

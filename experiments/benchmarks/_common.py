@@ -312,3 +312,14 @@ def add_common_arguments(parser, threads: bool = True) -> None:
     if threads:
         parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--json", metavar="PATH", help="also write the key numbers to PATH (gpu_check.sh reads them)")
+
+
+def write_numbers(path: str | None, device: torch.device, numbers: dict) -> None:
+    """``--json PATH``: ``numbers`` with the device and commit, for a script that collects results."""
+    if path:
+        import json
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+        record = {"device": name, "commit": git_commit(), "command": command_line(), **numbers}
+        Path(path).write_text(json.dumps(record, indent=1) + "\n")

@@ -3,8 +3,9 @@
 Arms, interleaved in one process (the start arm rotated every round), each its own model
 (``compose_config(["model=r50_fpn", "rpn=..."])`` + ``fl_rpn.build_model``, same seed) and SGD optimizer:
 
-- four arms on a fixed synthetic batch already on the device (``--batch`` images at ``--size``; no I/O):
-  bf16 / fp32 x channels_last on / off. What the model alone consumes.
+- arms on a fixed synthetic batch already on the device (``--batch`` images at ``--size``; no I/O), by default
+  bf16 / fp32 x channels_last on / off (``--arms``; ``bf16+cl+compile`` adds ``torch.compile`` of the backbone + FPN
+  and RPN head with ``--compile-mode``, as ``compile=...`` does in training). What the model alone consumes.
 - ``loader``: the ``--loader-amp`` / ``--loader-channels-last`` setting fed by real data: the project's
   dataset (``fl_rpn.data.build_dataset``: file read, PNG / JPEG decode, training transforms) batched by the
   trainer's ``TrainStream`` (``--workers`` worker processes, pinned memory on CUDA), images and targets copied with
@@ -34,7 +35,6 @@ the script only (e.g. ``--device cpu --model tiny_fpn --size 128,160 --batch 2 -
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import time
 from pathlib import Path
@@ -55,6 +55,7 @@ from _common import (
     shut_down,
     synchronize,
     wait_for_quiet,
+    write_numbers,
     write_section,
 )
 from train_step import make_batch, train_step
@@ -64,6 +65,7 @@ from fl_rpn.config import compose_config
 from fl_rpn.data import build_dataset
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.stream import TrainStream
+from fl_rpn.model import apply_speed_options
 
 TITLE = "5. GPU throughput, R50-FPN (`gpu_throughput.py`)"
 REFERENCE_V100 = 9.0  # images/s per V100, torchvision's detection reference recipe (R50-FPN, 26 epochs)
@@ -72,19 +74,28 @@ NOT_MEASURED = "**Not measured"
 DEFAULTS = {"model": "r50_fpn", "rpn": "focal_softmax", "batch": 8, "size": "800,1333"}
 
 
-def arm_name(amp: str, channels_last: bool) -> str:
-    return f"{amp}, channels_last {'on' if channels_last else 'off'}"
+ARMS = ("bf16", "bf16+cl", "fp32", "fp32+cl", "bf16+cl+compile")  # --arms keys; cl = channels_last
 
 
-def build_arm(args, amp: str, channels_last: bool, size: tuple[int, int], device: torch.device):
+def parse_arm(key: str) -> tuple[str, bool, bool]:
+    """``"bf16+cl+compile"`` -> ``("bf16", True, True)``: amp, channels_last, torch.compile (``--compile-mode``)."""
+    if key not in ARMS:
+        raise SystemExit(f"--arms: unknown arm {key!r}; choose from {', '.join(ARMS)}")
+    return key.split("+")[0], "+cl" in key, key.endswith("+compile")
+
+
+def arm_name(amp: str, channels_last: bool, compiled: str | None = None) -> str:
+    return f"{amp}, channels_last {'on' if channels_last else 'off'}" + (f", compile {compiled}" if compiled else "")
+
+
+def build_arm(args, amp: str, channels_last: bool, size: tuple[int, int], device: torch.device, compiled=None):
     h, w = size
     overrides = [f"model={args.model}", f"rpn={args.rpn}", f"batch_size={args.batch}"]
     overrides += [f"model.detector.min_size={min(h, w)}", f"model.detector.max_size={max(h, w)}"]
     cfg = compose_config(overrides)
     torch.manual_seed(args.seed)
     model = build_model(cfg, num_classes=args.num_classes).to(device).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    apply_speed_options(model, channels_last=channels_last, compile_mode=compiled)  # as the trainer does
     optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
     return model, optimizer, (torch.bfloat16 if amp == "bf16" else None)
 
@@ -121,9 +132,9 @@ def loader_arm(stream: TrainStream, model, optimizer, amp_dtype, steps: int, dev
             for _ in range(steps):
                 t0 = time.perf_counter()
                 images, targets = next(batches)
-                images = [im.to(device, non_blocking=True) for im in images]
-                targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                           for t in targets]  # fmt: skip
+                images = [im.to(device, non_blocking=im.is_pinned()) for im in images]
+                targets = [{k: v.to(device, non_blocking=v.is_pinned()) if torch.is_tensor(v) else v
+                            for k, v in t.items()} for t in targets]  # fmt: skip
                 waits.append(time.perf_counter() - t0)
                 train_step(model, optimizer, images, targets, device, amp_dtype)
         finally:
@@ -156,6 +167,12 @@ def main() -> None:
     parser.add_argument("--loader-steps", type=int, default=30, help="steps per timed sample of the loader arm")
     parser.add_argument("--loader-amp", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--loader-channels-last", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--arms",
+        default="bf16,bf16+cl,fp32,fp32+cl",
+        help=f"fixed-batch arms, comma-separated, of {', '.join(ARMS)} (cl: channels_last)",
+    )
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the +compile arm")
     add_common_arguments(parser)
     args = parser.parse_args()
 
@@ -188,14 +205,16 @@ def main() -> None:
     images, targets = make_batch(args.batch, size, args.num_classes, device, args.seed)
 
     samples, images_per_sample = {}, {}
-    for amp, channels_last in itertools.product(("bf16", "fp32"), (False, True)):
-        model, optimizer, amp_dtype = build_arm(args, amp, channels_last, size, device)
+    for key in args.arms.split(","):
+        amp, channels_last, compiled = parse_arm(key.strip())
+        compiled = args.compile_mode if compiled else None
+        model, optimizer, amp_dtype = build_arm(args, amp, channels_last, size, device, compiled)
 
         def sample(model=model, optimizer=optimizer, amp_dtype=amp_dtype) -> None:
             for _ in range(args.steps):
                 train_step(model, optimizer, images, targets, device, amp_dtype)
 
-        name = arm_name(amp, channels_last)
+        name = arm_name(amp, channels_last, compiled)
         samples[name], images_per_sample[name] = sample, args.batch * args.steps
 
     loader = None
@@ -203,7 +222,9 @@ def main() -> None:
         dataset, data_cfg = load_dataset(args, size)
         if dataset.meta.num_classes > args.num_classes:
             parser.error(f"--num-classes {args.num_classes} < the dataset's {dataset.meta.num_classes} classes")
-        stream = TrainStream(dataset, args.batch, args.workers, args.seed, data_cfg.group_aspect_ratio)
+        stream = TrainStream(
+            dataset, args.batch, args.workers, args.seed, data_cfg.group_aspect_ratio, pin_memory=device.type == "cuda"
+        )
         model, optimizer, amp_dtype = build_arm(args, args.loader_amp, args.loader_channels_last == "on", size, device)
         record = {"first": [], "wait": []}
         same = arm_name(args.loader_amp, args.loader_channels_last == "on")
@@ -218,7 +239,7 @@ def main() -> None:
     load_after = load_average()
 
     rate = {name: images_per_sample[name] / median(times[name]) for name in samples}
-    base = arm_name("fp32", False)
+    base = arm_name("fp32", False) if arm_name("fp32", False) in rate else next(iter(rate))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows = []
     for name in samples:
@@ -262,7 +283,12 @@ def main() -> None:
             f"waited {wait * 1e3:.1f} ms per step for data, against {step_ms:.1f} ms per step of `{same}` "
             f"on the fixed batch; loader-fed / fixed-batch images/s = {rate[loader] / rate[same]:.2f}",
         ]
-    header = ["arm", "images / s (median)", "speed-up vs fp32", f"× reference ({REFERENCE_V100:g} / s per V100)",
+    write_numbers(args.json, device, {
+        "model": args.model, "batch": args.batch, "size": list(size), "data": args.data,
+        "images_per_second": rate, "peak_memory_bytes": mem, "base": base,
+        "loader_wait_ms": median(record["wait"]) * 1e3 if loader else None,
+    })  # fmt: skip
+    header = ["arm", "images / s (median)", f"speed-up vs {base}", f"× reference ({REFERENCE_V100:g} / s per V100)",
               f"vs target ({TARGET_H100:g} / s, one H100)", "peak memory"]  # fmt: skip
     lines += ["", *markdown_table(header, rows)]
     print("\n".join(lines))

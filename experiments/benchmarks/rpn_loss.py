@@ -47,6 +47,7 @@ from _common import (
     select_device,
     synchronize,
     wait_for_quiet,
+    write_numbers,
     write_section,
 )
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -251,6 +252,10 @@ def main() -> None:
             )
             lin = [(per_size[big[-1]][arm][i] / big[-1]) / (per_size[big[0]][arm][i] / big[0]) for i in (0, 1)]
             lines.append(f"- {arm} (paired / minima): {ratios}; linearity {lin[0]:.2f} / {lin[1]:.2f}")
+    write_numbers(args.json, device, {
+        "median_ms": {str(n): {arm: per_size[n][arm][0] * 1e3 for arm in arms} for n in sizes},
+        "ms_per_million_anchors": {str(n): {arm: per_size[n][arm][0] * 1e3 / (n / 1e6) for arm in arms} for n in sizes},
+    })  # fmt: skip
     if not args.no_write:
         name, title = "rpn_loss", "1. RPN loss alone vs number of anchors (`rpn_loss.py`)"
         if args.threads or device.type == "cuda":

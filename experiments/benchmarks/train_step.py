@@ -33,6 +33,7 @@ from _common import (
     select_device,
     synchronize,
     wait_for_quiet,
+    write_numbers,
     write_section,
 )
 
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per arm (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (CUDA)")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (fp16: CUDA only)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-diagnostics", action="store_true", help="do not attach the sampled RPN's diagnostics")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per arm")
@@ -155,8 +156,6 @@ def main() -> None:
     device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.amp and device.type != "cuda":
-        parser.error("--amp needs --device cuda")
     amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     if amp_dtype is torch.float16:
         parser.error("--amp fp16 needs a GradScaler; use bf16 here")
@@ -218,6 +217,12 @@ def main() -> None:
         "[interquartile range]: "
         + ", ".join(f"{arm} {r:.3f} [{lo:.3f}–{hi:.3f}]" for arm, (r, lo, hi) in paired.items()),
     ]
+    write_numbers(args.json, device, {
+        "model": args.model, "batch": args.batch, "size": [h, w], "amp": args.amp,
+        "median_ms": {arm: median(times[arm]) * 1e3 for arm in arms}, "peak_memory_bytes": mem,
+        "time_ratio_paired": {arm: r for arm, (r, _, _) in paired.items()},
+        "memory_ratio": {arm: mem[arm] / mem[base] for arm in arms}, "base": base,
+    })  # fmt: skip
     if args.profile:
         for arm in arms:
             print(f"\n=== {arm}: 3 steps ===\n" + profile_table(steps[arm], device, 25))

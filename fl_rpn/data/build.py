@@ -108,6 +108,7 @@ def build_loader(
     group_aspect_ratio: bool,
     distributed: bool = False,
     aspect_ratio_group_factor: int = 3,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """DataLoader yielding ``(images, targets)`` tuples.
 
@@ -116,7 +117,7 @@ def build_loader(
     ratio when ``group_aspect_ratio``. Eval: sequential order (DistributedSampler without shuffling when
     distributed; it pads with repeated images to equal rank sizes, so evaluators should dedupe by
     ``image_id``). Worker seeds come from a generator seeded with ``seed``, so random flips in workers
-    are reproducible.
+    are reproducible. ``pin_memory``: page-locked batches, for a model on CUDA only.
     """
     if distributed:
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
@@ -135,6 +136,6 @@ def build_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + 1),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
         worker_init_fn=ignore_sigterm,
     )

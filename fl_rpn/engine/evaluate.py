@@ -73,7 +73,7 @@ def evaluate(
     for ev in evaluators:
         ev.reset()
     for images, targets in tqdm(loader, desc="eval", disable=not (progress and dist_info.is_main), leave=False):
-        outputs = predict(model, [img.to(device, non_blocking=True) for img in images])
+        outputs = predict(model, [img.to(device, non_blocking=img.is_pinned()) for img in images])
         for ev in evaluators:
             ev.update(targets, outputs)
     model.train(was_training)

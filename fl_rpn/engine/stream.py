@@ -46,11 +46,13 @@ class TrainStream:
         seed: int,
         group_aspect_ratio: bool,
         dist_info: DistInfo = SINGLE_PROCESS,
+        pin_memory: bool = False,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty")
         self.dataset = EpochSeededDataset(dataset, seed)
         self.num_workers = num_workers
+        self.pin_memory = pin_memory  # page-locked batches: only for a model on CUDA (non_blocking copies)
         self.seed = seed
         if dist_info.enabled:
             self.sampler = DistributedSampler(
@@ -103,7 +105,7 @@ class TrainStream:
             batch_sampler=batches(),
             num_workers=self.num_workers,
             collate_fn=collate_fn,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(self.seed),  # leaves the global RNG alone
             worker_init_fn=ignore_sigterm,  # SIGTERM is for the main process: it checkpoints, then stops us
         )

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..data import build_dataset, require_valid
 from ..diagnostics import attach_anchor_diagnostics
 from ..evaluation import build_evaluators, summarize
-from ..model import build_model
+from ..model import apply_speed_options, build_model
 from ..provenance import provenance
 from ..validation import validate_config
 from .checkpoint import (
@@ -53,12 +53,12 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_eval_loader(cfg: DictConfig, dataset, dist_info: DistInfo):
+def build_eval_loader(cfg: DictConfig, dataset, dist_info: DistInfo, pin_memory: bool = False):
     from ..data import build_loader
 
     return build_loader(
         dataset, cfg.eval.batch_size, cfg.num_workers, train=False, seed=cfg.seed,
-        group_aspect_ratio=False, distributed=dist_info.enabled,
+        group_aspect_ratio=False, distributed=dist_info.enabled, pin_memory=pin_memory,
     )  # fmt: skip
 
 
@@ -67,7 +67,8 @@ def run_evaluation(cfg: DictConfig, model, val_set, device, dist_info: DistInfo)
         list(cfg.eval.evaluators), val_set.meta, backend=cfg.eval.coco_backend,
         use_07_metric=cfg.eval.voc07_use_07_metric,
     )  # fmt: skip
-    return evaluate(model, build_eval_loader(cfg, val_set, dist_info), evaluators, device, dist_info)
+    loader = build_eval_loader(cfg, val_set, dist_info, pin_memory=device.type == "cuda")
+    return evaluate(model, loader, evaluators, device, dist_info)
 
 
 class _Preemption:
@@ -98,8 +99,8 @@ def resolve_resume(resume: Any, output_dir: Path) -> Path | None:
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    """``value`` on ``device`` if it is a tensor; the copy overlaps with compute (the loader pins memory on CUDA)."""
-    return value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+    """``value`` on ``device`` if it is a tensor; asynchronous from pinned memory (the loader pins it for CUDA)."""
+    return value.to(device, non_blocking=value.is_pinned()) if torch.is_tensor(value) else value
 
 
 def drop_file_logging() -> None:
@@ -122,8 +123,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     validate_config(cfg)
     device = select_device(cfg.device)
-    if cfg.amp is not None and device.type != "cuda":
-        raise ValueError(f"config key amp={cfg.amp}: needs CUDA; this run is on {device} (use amp=null)")
+    if cfg.amp == "fp16" and device.type != "cuda":  # bf16 autocast runs on the CPU too
+        raise ValueError(f"config key amp=fp16: needs CUDA (GradScaler); this run is on {device}: use amp=bf16 or null")
     dist_info = init_distributed(str(device))
     if not dist_info.is_main:
         drop_file_logging()
@@ -149,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_path = broadcast_object(checkpoint_path, dist_info)  # rank 0 decides
     # resuming: the checkpoint holds every weight, so pretrained backbone weights are not fetched again
     model = build_model(cfg, train_set.meta.num_classes, load_backbone_weights=checkpoint_path is None).to(device)
+    apply_speed_options(model, channels_last=cfg.channels_last, compile_mode=cfg.compile)
     attach_anchor_diagnostics(model.rpn)
     global_batch = cfg.batch_size * dist_info.world_size
     optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, global_batch)
@@ -221,7 +223,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         barrier(dist_info)
 
     schedule = cfg.schedule
-    stream = TrainStream(train_set, cfg.batch_size, cfg.num_workers, cfg.seed, cfg.group_aspect_ratio, dist_info)
+    stream = TrainStream(
+        train_set, cfg.batch_size, cfg.num_workers, cfg.seed, cfg.group_aspect_ratio, dist_info,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
     preemption = _Preemption()
     window: dict[str, list[torch.Tensor]] = {}  # the logged scalars of each step since the last log, on the device
     t_start = time.perf_counter()

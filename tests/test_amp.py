@@ -1,0 +1,164 @@
+"""bf16 autocast, channels_last and torch.compile on the CPU, through the real training loop (``train(cfg)``).
+
+Step 0 of two runs with the same seed sees the same weights and the same batch, so ``history[0]`` (the losses of
+the first step, logged with ``log_every=1``) of an fp32 run and of a bf16 run differ only by the autocast.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import fl_rpn.rpn
+from fl_rpn.config import compose_config
+from fl_rpn.engine import trainer
+from fl_rpn.engine.checkpoint import load_checkpoint
+from fl_rpn.engine.trainer import train
+from fl_rpn.model import apply_speed_options, build_model
+
+TINY = [
+    "dataset.train.num_images=6", "dataset.val.num_images=3",
+    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
+    "model.detector.min_size=96", "model.detector.max_size=128",
+    "batch_size=2", "num_workers=0", "eval.batch_size=2", "eval.evaluators=[]", "device=cpu",
+    "schedule.warmup_iters=1", "schedule.steps=[]", "schedule.log_every=1", "schedule.checkpoint_every=100",
+]  # fmt: skip
+FORMS = ["sampled", "focal_sigmoid", "focal_softmax", "focal_sigmoid_lr2"]
+LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+# Step-0 tolerances of bf16 vs fp32, relative. bf16 keeps 8 significant bits (rounding 2^-9 = 0.2 % per operand).
+# - RPN terms: the anchors, their labels and box targets do not depend on the predictions, so only the rounding of
+#   the head's logits moves these means over ~5e3 anchors: measured 2e-5 .. 2e-4; 2e-3 still fails a sum or a count
+#   taken in bf16 (a count of 300 positives rounds to a multiple of 2 there, a sum over 5e3 anchors loses ~1 %).
+# - RoI terms: computed on the proposals, whose order (top-n, NMS) the rounded scores change, so another set of
+#   RoIs is sampled: measured 5e-4 .. 7e-2; 0.2 bounds that while a broken head (a loss off by 2x or NaN) fails.
+BF16_RTOL = {"loss_objectness": 2e-3, "loss_rpn_box_reg": 2e-3, "loss_classifier": 0.2, "loss_box_reg": 0.2}
+# channels_last / compile in fp32: other kernels, rounding only; the RoI terms again through the proposals' order
+FP32_RTOL = {"loss_objectness": 1e-4, "loss_rpn_box_reg": 1e-4, "loss_classifier": 1e-2, "loss_box_reg": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # the synthetic set, generated once for the module
+
+
+def run(tmp_path, cache, *overrides, iters=1):
+    cfg = compose_config([*TINY, f"cache_dir={cache}", f"schedule.max_iters={iters}", *overrides,
+                          f"output_dir={tmp_path}"])  # fmt: skip
+    train(cfg)
+    return load_checkpoint(tmp_path / "last.pt")
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """What the model computes inside the real training steps (not the evaluation after them): dtypes of the
+    head's output, of the focal loss's input and output, of the RPN's losses and stats, and the layout of the
+    first convolution's weight."""
+    seen: dict[str, list] = {"head": [], "focal_in": [], "focal_out": [], "rpn_losses": [], "stats": [], "nhwc": []}
+    attach = trainer.attach_anchor_diagnostics
+
+    def attach_and_record(rpn):
+        attach(rpn)
+
+        def on_head(module, args, out):
+            if module.training:  # not the evaluation after training
+                seen["head"].append(out[0][0].dtype)
+
+        rpn.head.register_forward_hook(on_head)
+
+        def on_rpn(module, args, out):
+            if module.training:
+                seen["rpn_losses"].append({k: v.dtype for k, v in out[1].items()})
+                seen["stats"].append({k: v.dtype for k, v in module.stats.items()})
+
+        rpn.register_forward_hook(on_rpn)
+
+    real_focal = fl_rpn.rpn.sigmoid_focal_loss
+
+    def focal(logits, targets, *args, **kwargs):
+        out = real_focal(logits, targets, *args, **kwargs)
+        seen["focal_in"].append(logits.dtype)
+        seen["focal_out"].append(out.dtype)
+        return out
+
+    real_build = trainer.build_model
+
+    def build_and_record(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+
+        def on_conv(module, args, out):
+            if module.training:
+                seen["nhwc"].append(module.weight.is_contiguous(memory_format=torch.channels_last))
+
+        conv.register_forward_hook(on_conv)
+        return model
+
+    monkeypatch.setattr(trainer, "attach_anchor_diagnostics", attach_and_record)
+    monkeypatch.setattr(fl_rpn.rpn, "sigmoid_focal_loss", focal)
+    monkeypatch.setattr(trainer, "build_model", build_and_record)
+    return seen
+
+
+def step0(ckpt) -> dict[str, float]:
+    return {k: ckpt["history"][0][k] for k in LOSSES}
+
+
+@pytest.mark.parametrize("rpn", FORMS)
+def test_bf16_autocast_trains_every_rpn_form_on_the_cpu(tmp_path, cache, recorded, rpn):
+    fp32 = step0(run(tmp_path / "fp32", cache, f"rpn={rpn}"))
+    for seen in recorded.values():
+        seen.clear()
+    ckpt = run(tmp_path / "bf16", cache, f"rpn={rpn}", "amp=bf16", iters=3)
+
+    assert [h["iteration"] for h in ckpt["history"]] == [1, 2, 3]
+    for h in ckpt["history"]:  # every step's losses are finite
+        assert all(math.isfinite(h[k]) for k in (*LOSSES, "loss")), h
+    bf16 = step0(ckpt)
+    print(rpn, "step-0 |bf16 / fp32 - 1|:", {k: f"{abs(bf16[k] / fp32[k] - 1):.1e}" for k in LOSSES})
+    for k in LOSSES:
+        assert bf16[k] == pytest.approx(fp32[k], rel=BF16_RTOL[k]), (k, bf16[k], fp32[k])
+    assert bf16 != fp32  # autocast was on: some loss moved
+
+    # inside the real step: the convolutions ran in bf16, the RPN's losses and statistics stayed in float32
+    assert recorded["head"] == [torch.bfloat16] * 3
+    assert all(d == torch.float32 for losses in recorded["rpn_losses"] for d in losses.values())
+    assert all(d == torch.float32 for stats in recorded["stats"] for d in stats.values())
+    assert len(recorded["stats"]) == 3 and "positive_anchors_per_image" in recorded["stats"][0]
+    if rpn != "sampled":  # the focal loss's per-anchor values (whose sum is the loss) and its normaliser
+        assert recorded["focal_in"] == recorded["focal_out"] == [torch.float32] * 3
+        assert "focal_normalizer" in recorded["stats"][0]
+
+
+def test_channels_last_gives_the_losses_of_the_default_layout(tmp_path, cache, recorded):
+    default = run(tmp_path / "nchw", cache, iters=2)
+    assert recorded["nhwc"] == [False, False]
+    recorded["nhwc"].clear()
+    nhwc = run(tmp_path / "nhwc", cache, "channels_last=true", iters=2)
+    assert recorded["nhwc"] == [True, True]  # the weights really were in NHWC inside the step
+    for before, after in zip(default["history"], nhwc["history"]):
+        for k in LOSSES:
+            assert after[k] == pytest.approx(before[k], rel=FP32_RTOL[k]), k
+    assert nhwc["model"].keys() == default["model"].keys()
+
+
+def test_compile_keeps_parameters_and_state_dict_keys():
+    cfg = compose_config(["rpn=focal_softmax"])
+    model = build_model(cfg, num_classes=3)
+    keys, params = list(model.state_dict()), list(model.parameters())
+    apply_speed_options(model, channels_last=True, compile_mode="max-autotune")  # lazy: nothing compiles yet
+    assert list(model.state_dict()) == keys and not any("_orig_mod" in k for k in model.state_dict())
+    assert all(a is b for a, b in zip(model.parameters(), params))  # the optimizer may be built before or after
+    assert model.backbone.body.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"config key compile='fast'"):
+        apply_speed_options(model, compile_mode="fast")
+
+
+@pytest.mark.skipif(not os.environ.get("FL_RPN_TEST_COMPILE"), reason="FL_RPN_TEST_COMPILE=1: compiling takes minutes")
+def test_compiled_training_gives_the_eager_losses(tmp_path, cache):
+    eager = run(tmp_path / "eager", cache, iters=2)
+    compiled = run(tmp_path / "compiled", cache, "compile=default", iters=2)
+    for before, after in zip(eager["history"], compiled["history"]):
+        for k in LOSSES:
+            assert after[k] == pytest.approx(before[k], rel=FP32_RTOL[k]), k
+    assert compiled["model"].keys() == eager["model"].keys()
