@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from .config import CONF_DIR
+from .errors import report_errors
 from .data import build_dataset
 from .engine.checkpoint import model_from_checkpoint
 from .engine.distributed import DistInfo
@@ -38,6 +39,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base=None)
+@report_errors
 def main(cfg: DictConfig) -> None:
     torch.set_grad_enabled(False)
     evaluate_checkpoint(cfg)

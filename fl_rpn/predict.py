@@ -10,6 +10,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from .config import CONF_DIR
+from .errors import report_errors
 from .data.dataset import read_image
 from .data.yolo import IMAGE_SUFFIXES
 from .engine.checkpoint import model_from_checkpoint
@@ -71,6 +72,7 @@ def predict_images(cfg: DictConfig) -> list[Path]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base=None)
+@report_errors
 def main(cfg: DictConfig) -> None:
     predict_images(cfg)
 

@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import CONF_DIR
+from .errors import report_errors
 from .engine.distributed import launched_by
 from .engine.trainer import train
 
@@ -21,6 +22,7 @@ PREEMPTED_EXIT_CODE = 128 + 15
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
+@report_errors
 def train_app(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     if metrics.get("preempted"):  # SIGTERM: a checkpoint was written, the run is not finished

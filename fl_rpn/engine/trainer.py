@@ -17,7 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data import build_dataset, require_valid
+from ..data.build import shutdown_workers
 from ..diagnostics import attach_anchor_diagnostics
+from ..errors import NonFiniteLossError
 from ..evaluation import build_evaluators, summarize
 from ..model import build_model
 from ..provenance import provenance
@@ -39,10 +41,6 @@ from .stream import TrainStream
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def select_device(name: str) -> torch.device:
@@ -230,6 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total=schedule.max_iters, initial=start_iter, desc="train", disable=not dist_info.is_main, dynamic_ncols=True
     )
     iteration = start_iter
+    batches = None
     try:
         model.train()
         batches = stream.from_iteration(start_iter)
@@ -320,7 +319,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(output_dir / "history.json", history)
         print(summarize({k: v for k, v in result.items() if "/AP/" not in k}))
         return result
-    finally:
+    finally:  # every way out (return, exception, Ctrl-C) stops the loader's workers before anything else
+        shutdown_workers(batches)
         progress.close()
         preemption.restore()
         if writer is not None:
