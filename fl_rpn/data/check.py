@@ -113,9 +113,15 @@ def check_dataset(
     return report
 
 
-def require_valid(datasets: Mapping[str, DetectionDataset], depth: str = "exists") -> list[SplitReport]:
-    """Check each named split, log its summary, and raise ``ValueError`` listing the problems of all of them."""
-    reports = [check_dataset(ds, name, depth) for name, ds in datasets.items()]
+def require_valid(
+    datasets: Mapping[str, DetectionDataset], depth: str | Mapping[str, str] = "exists"
+) -> list[SplitReport]:
+    """Check each named split, log its summary, and raise ``ValueError`` listing the problems of all of them.
+
+    ``depth`` is one depth for every split, or one per split name.
+    """
+    depths = depth if isinstance(depth, Mapping) else dict.fromkeys(datasets, depth)
+    reports = [check_dataset(ds, name, depths[name]) for name, ds in datasets.items()]
     for report in reports:
         (log.info if report.ok else log.error)("%s", report.summary())
     bad = [r for r in reports if not r.ok]

@@ -28,6 +28,7 @@ from .checkpoint import (
     check_resume_config,
     load_checkpoint,
     load_model_state,
+    nonfinite_tensors,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -39,6 +40,10 @@ from .optim import build_optimizer, build_scheduler, lr_factor, scaled_lr
 from .stream import TrainStream
 
 log = logging.getLogger(__name__)
+
+# nonfinite=skip stops after this many skipped steps in a row: the weights are finite but diverged (huge), and
+# every batch gives a non-finite loss, so skipping more would only burn the rest of the schedule
+MAX_CONSECUTIVE_SKIPS = 10
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -136,8 +141,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     train_set = build_dataset(cfg.dataset.train, train=True, hflip_prob=cfg.hflip_prob)
     val_set = build_dataset(cfg.dataset.val, train=False)
-    # empty splits and missing image files fail here, not at the first batch or after training
-    require_valid({"dataset.train": train_set, "dataset.val": val_set}, depth=cfg.check_images or "exists")
+    # empty splits and missing image files fail here, not at the first batch or after training; the val split
+    # (small) is decoded too by default (check_val_images), or a bad val image would stop the run after training
+    depths = {"dataset.train": cfg.check_images or "exists", "dataset.val": cfg.check_val_images or "exists"}
+    require_valid({"dataset.train": train_set, "dataset.val": val_set}, depth=depths)
     if train_set.meta.class_names != val_set.meta.class_names:
         raise ValueError(
             f"dataset.train and dataset.val have different classes: {train_set.meta.class_names[:5]}... vs "
@@ -229,6 +236,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     iteration = start_iter
     batches = None
+    consecutive_skips = 0
     try:
         model.train()
         batches = stream.from_iteration(start_iter)
@@ -249,9 +257,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     last = output_dir / "last.pt"
                     saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
                     raise NonFiniteLossError(f"{message}; {saved}")
+                # Skipping cannot recover from weights that are no longer finite (every later loss is non-finite
+                # too) nor from a long run of non-finite losses: stop. Checked on this rare path only; the
+                # weights and the count are the same on every rank, so all ranks stop together.
+                bad = nonfinite_tensors(model.state_dict())
+                consecutive_skips += 1
+                if bad or consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    last = output_dir / "last.pt"
+                    saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+                    why = (f"{len(bad)} model tensor(s) are not finite (e.g. {bad[0]})" if bad
+                           else f"{consecutive_skips} steps in a row were skipped")  # fmt: skip
+                    raise NonFiniteLossError(
+                        f"{message}, and {why}: training diverged and nonfinite=skip cannot recover; {saved}. "
+                        "Lower optim.lr or set clip_grad_norm, then resume from it (resume=PATH) or start again."
+                    )
                 log.warning("%s: step skipped", message)
                 skipped_steps += 1
             else:
+                consecutive_skips = 0
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad_norm is not None:
@@ -268,7 +291,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             images_seen += len(images) * dist_info.world_size
             progress.update(1)
 
-            log_now = iteration % schedule.log_every == 0 or iteration == schedule.max_iters
+            # SIGTERM: the partial window is logged too, so that the history in the checkpoint misses no step
+            log_now = iteration % schedule.log_every == 0 or iteration == schedule.max_iters or stop
             if log_now and window:  # a window of skipped steps only has nothing to log
                 # the mean of every scalar over the window, in one host sync
                 means = torch.stack([torch.stack(v).float().mean() for v in window.values()]).tolist()
@@ -277,6 +301,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
                 scalars["skipped_steps"] = skipped_steps
                 history.append({"iteration": iteration, **scalars})
+                if dist_info.is_main:  # train.log keeps the curves too
+                    log.info("iteration %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
                 if writer is not None:
                     for k, v in scalars.items():
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, iteration)
@@ -317,7 +343,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             writer.add_scalar(k, v, iteration)
         write_json(output_dir / "metrics.json", {**result, "provenance": provenance(cfg, dist_info.world_size)})
         write_json(output_dir / "history.json", history)
-        print(summarize({k: v for k, v in result.items() if "/AP/" not in k}))
+        log.info("final metrics:\n%s", summarize({k: v for k, v in result.items() if "/AP/" not in k}))
         return result
     finally:  # every way out (return, exception, Ctrl-C) stops the loader's workers before anything else
         shutdown_workers(batches)
