@@ -133,6 +133,21 @@ def test_a_bad_val_image_stops_the_run_before_training_and_leaves_no_run_directo
     assert not (tmp_path / "outputs" / "2026-01-01").exists()  # nothing but Hydra's files was in it
 
 
+def test_bad_images_skip_drops_and_counts_unreadable_images(tmp_path, monkeypatch, caplog):
+    train_images, val_images = make_data(tmp_path / "cache")
+    spoil(train_images[1], "truncated")
+    spoil(train_images[4], "other_size")
+    spoil(val_images[0], "zero_bytes")
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config([*FAST, "schedule.max_iters=6", "bad_images=skip", f"output_dir={tmp_path}"])
+    with caplog.at_level("WARNING", logger="fl_rpn.engine.trainer"):
+        metrics = train(cfg)  # every train image is loaded: none of the bad ones is
+    assert metrics["train/iterations"] == 6
+    assert metrics["train/bad_images_skipped"] == 2 and metrics["eval/bad_images_skipped"] == 1
+    assert "dataset.train: 2 image(s) skipped" in caplog.text and str(train_images[4]) in caplog.text
+    assert json.loads((tmp_path / "metrics.json").read_text())["eval/bad_images_skipped"] == 1
+
+
 def test_eval_with_a_bad_val_image_exits_with_its_message(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     _, val_images = make_data(cache)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..data import build_dataset, require_valid
 from ..data.build import shutdown_workers
+from ..data.check import drop_bad_images
 from ..diagnostics import attach_anchor_diagnostics
 from ..errors import NonFiniteLossError
 from ..evaluation import build_evaluators, summarize
@@ -144,6 +145,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # empty splits and missing image files fail here, not at the first batch or after training; the val split
     # (small) is decoded too by default (check_val_images), or a bad val image would stop the run after training
     depths = {"dataset.train": cfg.check_images or "exists", "dataset.val": cfg.check_val_images or "exists"}
+    if cfg.bad_images == "skip":  # drop what the check finds, before the stream and the shards are made
+        depths["dataset.train"] = cfg.check_images or "decode"
+        for name, dataset in (("dataset.train", train_set), ("dataset.val", val_set)):
+            problems = drop_bad_images(dataset, depths[name])
+            if problems:
+                log.warning("bad_images=skip: %s: %d image(s) skipped:\n  %s%s", name, len(problems),
+                            "\n  ".join(problems[:20]), "\n  ..." if len(problems) > 20 else "")  # fmt: skip
     require_valid({"dataset.train": train_set, "dataset.val": val_set}, depth=depths)
     if train_set.meta.class_names != val_set.meta.class_names:
         raise ValueError(
@@ -335,6 +343,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "train/seconds": train_seconds,
                 "train/images_per_second": images_seen / max(train_seconds, 1e-9),
                 "train/skipped_steps": skipped_steps,
+                "train/bad_images_skipped": train_set.stats.get("bad_images_skipped", 0),
+                "eval/bad_images_skipped": val_set.stats.get("bad_images_skipped", 0),
                 "eval/seconds": eval_seconds,
             }
         )
