@@ -176,6 +176,23 @@ def test_two_processes_exit_when_one_rank_meets_a_bad_image(tmp_path):
     assert any(f"Image {train_images[0]} cannot be decoded" in out for out in outputs)
 
 
+LEFT_RUNNING = """
+import sys, torch
+from torch.utils.data import DataLoader
+from fl_rpn.data.build import ignore_sigterm
+loader = DataLoader(list(range(100)), batch_size=1, num_workers=2, worker_init_fn=ignore_sigterm)
+batches = iter(loader)
+next(batches)  # the workers are up; the iterator stays referenced, so nothing shuts them down
+sys.exit(1)
+"""
+
+
+def test_workers_left_running_are_killed_at_exit():
+    """The safety net: workers that ignore SIGTERM and were not shut down do not keep the process from exiting."""
+    proc = subprocess.run([sys.executable, "-c", LEFT_RUNNING], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+
+
 # --- non-finite numbers ------------------------------------------------------------------------------------------
 
 

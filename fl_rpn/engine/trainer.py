@@ -42,11 +42,11 @@ from .stream import TrainStream
 
 log = logging.getLogger(__name__)
 
+LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+
 # nonfinite=skip stops after this many skipped steps in a row: the weights are finite but diverged (huge), and
 # every batch gives a non-finite loss, so skipping more would only burn the rest of the schedule
 MAX_CONSECUTIVE_SKIPS = 10
-
-LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 def select_device(name: str) -> torch.device:
