@@ -16,8 +16,8 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import CONF_DIR
-from .errors import report_errors
 from .data import SplitReport, build_dataset, check_dataset
+from .errors import report_errors
 from .validation import validate_config
 
 

@@ -8,11 +8,11 @@ import torch
 from omegaconf import DictConfig
 
 from .config import CONF_DIR
-from .errors import report_errors
 from .data import build_dataset
 from .engine.checkpoint import model_from_checkpoint
 from .engine.distributed import DistInfo
 from .engine.trainer import run_evaluation, select_device
+from .errors import report_errors
 from .evaluation import summarize
 from .provenance import provenance
 

@@ -10,12 +10,12 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from .config import CONF_DIR
-from .errors import report_errors
 from .data.dataset import read_image
 from .data.yolo import IMAGE_SUFFIXES
 from .engine.checkpoint import model_from_checkpoint
 from .engine.evaluate import predict
 from .engine.trainer import select_device
+from .errors import report_errors
 
 
 def image_files(inputs: list[str]) -> list[Path]:

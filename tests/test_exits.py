@@ -171,7 +171,8 @@ def test_two_processes_exit_when_one_rank_meets_a_bad_image(tmp_path):
     spoil(train_images[0], "truncated")
     overrides = [*DDP_TINY, "schedule.max_iters=6", "num_workers=2"]
     rank_overrides = {"0": [f"hydra.run.dir={tmp_path / 'run'}"]}
-    codes, outputs, _ = launch(tmp_path, "ddp", cache, overrides, rank_overrides=rank_overrides, check=False)  # fails on a time-out (180 s)
+    # launch fails on a time-out (180 s): a rank waiting forever
+    codes, outputs, _ = launch(tmp_path, "ddp", cache, overrides, rank_overrides=rank_overrides, check=False)
     assert codes[0] != 0 and codes[1] != 0, codes
     assert any(f"Image {train_images[0]} cannot be decoded" in out for out in outputs)
 
@@ -233,8 +234,11 @@ def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, monkeypa
     monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
     cfg = compose_config([*FAST, "schedule.max_iters=6", "schedule.checkpoint_every=100", "nonfinite=skip",
                           f"output_dir={tmp_path}"])  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match=r"at iteration 2: .*, and 1 model tensor\(s\) are not finite "
-                       r"\(e\.g\. rpn\.head\.conv\.0\.0\.weight\): training diverged and nonfinite=skip cannot"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"at iteration 2: .*, and 1 model tensor\(s\) are not finite "
+        r"\(e\.g\. rpn\.head\.conv\.0\.0\.weight\): training diverged and nonfinite=skip cannot",
+    ):
         train(cfg)  # fmt: skip
     assert not (tmp_path / "last.pt").exists()
 
