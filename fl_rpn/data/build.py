@@ -100,10 +100,15 @@ def _kill_leftover_workers() -> None:
     A safety net behind ``shutdown_workers``: multiprocessing's own exit handler (which runs after this one)
     would ``terminate()`` them, which they ignore, and then wait for them forever.
     """
-    for child in multiprocessing.active_children():
-        if child.daemon and child.is_alive():
-            child.kill()
-            child.join(timeout=5)
+    leftover = [child for child in multiprocessing.active_children() if child.daemon and child.is_alive()]
+    if not leftover:
+        return
+    # the DataLoader's SIGCHLD handler would raise "worker killed" in the middle of this loop
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in leftover:
+        child.kill()
+    for child in leftover:
+        child.join(timeout=5)
 
 
 atexit.register(_kill_leftover_workers)
