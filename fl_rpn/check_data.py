@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from .config import CONF_DIR
 from .data import SplitReport, build_dataset, check_dataset
+from .errors import report_errors
 from .validation import validate_config
 
 
@@ -45,6 +46,7 @@ def check_data(cfg: DictConfig) -> list[SplitReport]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
+@report_errors
 def main(cfg: DictConfig) -> None:
     reports = check_data(cfg)
     for report in reports:

@@ -12,6 +12,7 @@ from .data import build_dataset
 from .engine.checkpoint import model_from_checkpoint
 from .engine.distributed import DistInfo
 from .engine.trainer import run_evaluation, select_device
+from .errors import report_errors
 from .evaluation import summarize
 from .provenance import provenance, trained_with
 
@@ -39,6 +40,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base=None)
+@report_errors
 def main(cfg: DictConfig) -> None:
     torch.set_grad_enabled(False)
     evaluate_checkpoint(cfg)

@@ -30,6 +30,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .errors import WeightsUnavailableError
 from .rpn import use_focal_rpn
 
 __all__ = ["build_model", "build_backbone", "apply_speed_options", "TinyBackbone", "RPN_DETECTOR_KEYS", "COMPILE_MODES"]
@@ -125,7 +126,7 @@ def _pretrained_backbone(constructor, model_cfg: DictConfig, what: str, load: bo
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         filename = enum.url.rsplit("/", 1)[-1]
-        raise RuntimeError(
+        raise WeightsUnavailableError(
             f"could not download backbone weights {enum} from {enum.url} ({e}). Offline: put that file at "
             f"{hub / filename}, or set model.backbone_weights=/path/to/{filename}"
         ) from e

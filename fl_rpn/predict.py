@@ -16,6 +16,7 @@ from .data.yolo import IMAGE_SUFFIXES
 from .engine.checkpoint import model_from_checkpoint
 from .engine.evaluate import predict
 from .engine.trainer import select_device
+from .errors import report_errors
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -155,6 +156,7 @@ def predict_images(cfg: DictConfig) -> list[Path]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base=None)
+@report_errors
 def main(cfg: DictConfig) -> None:
     predict_images(cfg)
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from .config import CONF_DIR
 from .engine.distributed import launched_by
 from .engine.trainer import train
+from .errors import report_errors
 
 # Exit status after SIGTERM (pre-emption, scancel): what a shell reports for a process killed by SIGTERM,
 # so that `fl-rpn-train ... && next-step` and job accounting do not take a pre-empted run for a finished one.
@@ -21,6 +22,7 @@ PREEMPTED_EXIT_CODE = 128 + 15
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
+@report_errors
 def train_app(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     if metrics.get("preempted"):  # SIGTERM: a checkpoint was written, the run is not finished

@@ -90,6 +90,9 @@ def validate_config(cfg: DictConfig) -> None:
            "clip_grad_norm", cfg.clip_grad_norm, "must be null or a number > 0")  # fmt: skip
     _check(cfg.check_images in (False, "header", "decode"), "check_images", cfg.check_images,
            "must be false, 'header' or 'decode'")  # fmt: skip
+    _check(cfg.bad_images in ("error", "skip"), "bad_images", cfg.bad_images, "must be 'error' or 'skip'")
+    _check(cfg.check_val_images in (False, "header", "decode"), "check_val_images", cfg.check_val_images,
+           "must be false, 'header' or 'decode'")  # fmt: skip
 
     _validate_model(cfg)
     _validate_eval(cfg.eval)

@@ -12,7 +12,10 @@ A dataset node names its ``format`` and, beside it, exactly the arguments of tha
 
 from __future__ import annotations
 
+import atexit
 import inspect
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler now, so that ours runs before it
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,6 +100,38 @@ def ignore_sigterm(worker_id: int) -> None:
     it lets the main process finish its iteration, save, and shut the workers down as usual.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shutdown_workers(iterator: Any) -> None:
+    """Stop the worker processes of a DataLoader iterator now (a no-op without workers).
+
+    Call it on every way out of a loop over a loader (``try``/``finally``): after an exception the iterator
+    stays referenced by the traceback, so its workers would outlive the loop, and multiprocessing's exit
+    handler cannot stop them (it sends SIGTERM, which they ignore, then waits for them).
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's own ``__del__`` calls
+    if shutdown is not None:
+        shutdown()
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL the daemonic child processes still alive (DataLoader workers ignore SIGTERM).
+
+    A safety net behind ``shutdown_workers``: multiprocessing's own exit handler (which runs after this one)
+    would ``terminate()`` them, which they ignore, and then wait for them forever.
+    """
+    leftover = [child for child in multiprocessing.active_children() if child.daemon and child.is_alive()]
+    if not leftover:
+        return
+    # the DataLoader's SIGCHLD handler would raise "worker killed" in the middle of this loop
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in leftover:
+        child.kill()
+    for child in leftover:
+        child.join(timeout=5)
+
+
+atexit.register(_kill_leftover_workers)
 
 
 def build_loader(

@@ -54,6 +54,20 @@ def check_images(records: list[ImageRecord], depth: str = "exists", workers: int
         return [p for p in pool.map(lambda r: check_image(r, depth), records) if p is not None]
 
 
+def drop_bad_images(dataset: DetectionDataset, depth: str = "decode", workers: int | None = None) -> list[str]:
+    """Remove from ``dataset`` the records whose image fails ``check_image`` at ``depth`` (``bad_images=skip``).
+
+    Counts them in ``dataset.stats["bad_images_skipped"]`` and returns their problems (one line each).
+    """
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(lambda r: check_image(r, depth), dataset.records))
+    dataset.records = [r for r, p in zip(dataset.records, problems) if p is None]
+    bad = [p for p in problems if p is not None]
+    dataset.stats["bad_images_skipped"] = len(bad)
+    return bad
+
+
 @dataclass
 class SplitReport:
     """What ``check_dataset`` found in one split; ``ok`` when it can be trained / evaluated on."""
@@ -122,9 +136,15 @@ def check_dataset(
     return report
 
 
-def require_valid(datasets: Mapping[str, DetectionDataset], depth: str = "exists") -> list[SplitReport]:
-    """Check each named split, log its summary, and raise ``ValueError`` listing the problems of all of them."""
-    reports = [check_dataset(ds, name, depth) for name, ds in datasets.items()]
+def require_valid(
+    datasets: Mapping[str, DetectionDataset], depth: str | Mapping[str, str] = "exists"
+) -> list[SplitReport]:
+    """Check each named split, log its summary, and raise ``ValueError`` listing the problems of all of them.
+
+    ``depth`` is one depth for every split, or one per split name.
+    """
+    depths = depth if isinstance(depth, Mapping) else dict.fromkeys(datasets, depth)
+    reports = [check_dataset(ds, name, depths[name]) for name, ds in datasets.items()]
     for report in reports:
         (log.info if report.ok else log.error)("%s", report.summary())
     bad = [r for r in reports if not r.ok]

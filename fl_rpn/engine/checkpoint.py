@@ -40,6 +40,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             "Lower optim.lr or set clip_grad_norm."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -47,6 +48,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a vanished mount: name the file
+        tmp.unlink(missing_ok=True)
+        message = f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint is kept"
+        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -60,6 +65,31 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(path: str | Path) -> list[Path]:
+    """Remove the ``.<name>.tmp-<pid>`` files beside ``path`` left by writers that were killed mid-write.
+
+    A file is left alone while its process (on this host) is alive. Returns the removed paths.
+    """
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -7,6 +7,7 @@ from torch import nn
 from torchvision.models.detection.transform import resize_boxes
 from tqdm import tqdm
 
+from ..data.build import shutdown_workers
 from ..evaluation import Evaluator
 from .distributed import SINGLE_PROCESS, DistInfo
 
@@ -72,10 +73,15 @@ def evaluate(
     model.eval()
     for ev in evaluators:
         ev.reset()
-    for images, targets in tqdm(loader, desc="eval", disable=not (progress and dist_info.is_main), leave=False):
-        outputs = predict(model, [img.to(device, non_blocking=img.is_pinned()) for img in images])
-        for ev in evaluators:
-            ev.update(targets, outputs)
+    batches = iter(loader)
+    try:
+        for images, targets in tqdm(batches, desc="eval", total=len(loader) if hasattr(loader, "__len__") else None,
+                                    disable=not (progress and dist_info.is_main), leave=False):  # fmt: skip
+            outputs = predict(model, [img.to(device, non_blocking=img.is_pinned()) for img in images])
+            for ev in evaluators:
+                ev.update(targets, outputs)
+    finally:
+        shutdown_workers(batches)  # also after an error (a bad image in a worker), or its workers outlive us
     model.train(was_training)
     metrics: dict[str, float] = {}
     for ev in evaluators:

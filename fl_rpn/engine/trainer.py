@@ -17,7 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..data import build_dataset, require_valid
+from ..data.build import shutdown_workers
+from ..data.check import drop_bad_images
 from ..diagnostics import attach_anchor_diagnostics
+from ..errors import NonFiniteLossError
 from ..evaluation import build_evaluators, summarize
 from ..model import apply_speed_options, build_model
 from ..provenance import provenance
@@ -26,6 +29,7 @@ from .checkpoint import (
     check_resume_config,
     load_checkpoint,
     load_model_state,
+    nonfinite_tensors,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -40,9 +44,9 @@ log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+# nonfinite=skip stops after this many skipped steps in a row: the weights are finite but diverged (huge), and
+# every batch gives a non-finite loss, so skipping more would only burn the rest of the schedule
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 def select_device(name: str) -> torch.device:
@@ -139,8 +143,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     train_set = build_dataset(cfg.dataset.train, train=True, hflip_prob=cfg.hflip_prob)
     val_set = build_dataset(cfg.dataset.val, train=False)
-    # empty splits and missing image files fail here, not at the first batch or after training
-    require_valid({"dataset.train": train_set, "dataset.val": val_set}, depth=cfg.check_images or "exists")
+    # empty splits and missing image files fail here, not at the first batch or after training; the val split
+    # (small) is decoded too by default (check_val_images), or a bad val image would stop the run after training
+    depths = {"dataset.train": cfg.check_images or "exists", "dataset.val": cfg.check_val_images or "exists"}
+    if cfg.bad_images == "skip":  # drop what the check finds, before the stream and the shards are made
+        depths["dataset.train"] = cfg.check_images or "decode"
+        for name, dataset in (("dataset.train", train_set), ("dataset.val", val_set)):
+            problems = drop_bad_images(dataset, depths[name])
+            if problems:
+                log.warning("bad_images=skip: %s: %d image(s) skipped:\n  %s%s", name, len(problems),
+                            "\n  ".join(problems[:20]), "\n  ..." if len(problems) > 20 else "")  # fmt: skip
+    require_valid({"dataset.train": train_set, "dataset.val": val_set}, depth=depths)
     if train_set.meta.class_names != val_set.meta.class_names:
         raise ValueError(
             f"dataset.train and dataset.val have different classes: {train_set.meta.class_names[:5]}... vs "
@@ -235,6 +248,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total=schedule.max_iters, initial=start_iter, desc="train", disable=not dist_info.is_main, dynamic_ncols=True
     )
     iteration = start_iter
+    batches = None
+    consecutive_skips = 0
     try:
         model.train()
         batches = stream.from_iteration(start_iter)
@@ -255,9 +270,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     last = output_dir / "last.pt"
                     saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
                     raise NonFiniteLossError(f"{message}; {saved}")
+                # Skipping cannot recover from weights that are no longer finite (every later loss is non-finite
+                # too) nor from a long run of non-finite losses: stop. Checked on this rare path only; the
+                # weights and the count are the same on every rank, so all ranks stop together.
+                bad = nonfinite_tensors(model.state_dict())
+                consecutive_skips += 1
+                if bad or consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    last = output_dir / "last.pt"
+                    saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+                    why = (f"{len(bad)} model tensor(s) are not finite (e.g. {bad[0]})" if bad
+                           else f"{consecutive_skips} steps in a row were skipped")  # fmt: skip
+                    raise NonFiniteLossError(
+                        f"{message}, and {why}: training diverged and nonfinite=skip cannot recover; {saved}. "
+                        "Lower optim.lr or set clip_grad_norm, then resume from it (resume=PATH) or start again."
+                    )
                 log.warning("%s: step skipped", message)
                 skipped_steps += 1
             else:
+                consecutive_skips = 0
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.clip_grad_norm is not None:
@@ -274,7 +304,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             images_seen += len(images) * dist_info.world_size
             progress.update(1)
 
-            log_now = iteration % schedule.log_every == 0 or iteration == schedule.max_iters
+            # SIGTERM: the partial window is logged too, so that the history in the checkpoint misses no step
+            log_now = iteration % schedule.log_every == 0 or iteration == schedule.max_iters or stop
             if log_now and window:  # a window of skipped steps only has nothing to log
                 # the mean of every scalar over the window, in one host sync
                 means = torch.stack([torch.stack(v).float().mean() for v in window.values()]).tolist()
@@ -283,6 +314,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
                 scalars["skipped_steps"] = skipped_steps
                 history.append({"iteration": iteration, **scalars})
+                if dist_info.is_main:  # train.log keeps the curves too
+                    log.info("iteration %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
                 if writer is not None:
                     for k, v in scalars.items():
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, iteration)
@@ -315,6 +348,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "train/seconds": train_seconds,
                 "train/images_per_second": images_seen / max(train_seconds, 1e-9),
                 "train/skipped_steps": skipped_steps,
+                "train/bad_images_skipped": train_set.stats.get("bad_images_skipped", 0),
+                "eval/bad_images_skipped": val_set.stats.get("bad_images_skipped", 0),
                 "eval/seconds": eval_seconds,
             }
         )
@@ -323,9 +358,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             writer.add_scalar(k, v, iteration)
         write_json(output_dir / "metrics.json", {**result, "provenance": provenance(cfg, dist_info.world_size)})
         write_json(output_dir / "history.json", history)
-        print(summarize({k: v for k, v in result.items() if "/AP/" not in k}))
+        log.info("final metrics:\n%s", summarize({k: v for k, v in result.items() if "/AP/" not in k}))
         return result
-    finally:
+    finally:  # every way out (return, exception, Ctrl-C) stops the loader's workers before anything else
+        shutdown_workers(batches)
         progress.close()
         preemption.restore()
         if writer is not None:
