@@ -254,8 +254,9 @@ def use_focal_rpn(
     ``score_thresh`` (the minimum object probability of a proposal) is not taken from the replaced RPN: its
     threshold was chosen for the scores of a BCE-trained, sampled RPN (torchvision's MobileNet detectors use
     0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01): kept, 0.05 would leave no
-    proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors);
-    a different replaced value is logged.
+    proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses
+    ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
+    is logged.
     """
     old = model.rpn
     if form not in FORMS:
