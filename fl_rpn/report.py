@@ -503,8 +503,9 @@ def power_lines(summary: dict, metrics: list[str]) -> list[str]:
                      "from seed noise, whether or not its interval excludes zero.")  # fmt: skip
     else:
         listed = "; ".join(f"{arm} {m} (MDD {100 * p[1]:.2f}, {_seeds(p[2])} seeds needed)" for arm, m, p in cannot)
-        lines.append(f"**With {seeds} seeds, {len(cannot)} of the {len(checked)} differences here cannot resolve an "
-                     f"effect of the paper's size ({size}):** {listed}. The others can (MDD at or below it).")  # fmt: skip
+        lines.append(f"**With {seeds} seeds, {len(cannot)} of the {len(checked)} differences here cannot "
+                     f"resolve an effect of the paper's size ({size}):** {listed}. The others can (MDD at or "
+                     "below it).")  # fmt: skip
     stuck = [m for m in metrics if all(row[m][0] < 0.01 for row in summary["table"].values() if m in row)]
     if stuck:
         lines.append(f"{', '.join(stuck)}: below 1 % in every arm. A metric stuck near zero has almost no spread "
@@ -716,8 +717,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first dir)")
     parser.add_argument("--baseline", default="rpn=sampled", help="the arm differences are taken against")
     parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
-    parser.add_argument("--effect", type=float, default=0.4,
-                        help="the effect (AP / AR points) the power analysis asks about; default the paper's 0.4")  # fmt: skip
+    parser.add_argument(
+        "--effect", type=float, default=0.4, help="the effect (AP / AR points) the power analysis asks about (0.4)"
+    )
     args = parser.parse_args(argv)
     if not (math.isfinite(args.effect) and args.effect > 0):
         sys.exit(f"fl-rpn-report: --effect {args.effect}: must be a number > 0 (points)")

@@ -11,7 +11,15 @@ import pytest
 import yaml
 
 from fl_rpn.report import (
-    detectable_effect, expected_jobs, load_runs, main, pairs_needed, report, t95, t_test_power, tick_label,
+    detectable_effect,
+    expected_jobs,
+    load_runs,
+    main,
+    pairs_needed,
+    report,
+    t95,
+    t_test_power,
+    tick_label,
 )
 
 from .test_train_app import TINY, run_app
@@ -292,8 +300,8 @@ def markdown_text(root):
 # Statistical Power Analysis, table 2.3.5 / 2.4.1 (d = 0.5: n = 34 at 80 % power for the one-sample test):
 #   TTestPower().power(effect_size=1.0, nobs=10, alpha=0.05)            -> 0.8030968566
 #   TTestPower().power(effect_size=0.5, nobs=33 / 34, alpha=0.05)       -> 0.7953658 / 0.8077775
-#   TTestPower().solve_power(effect_size=None, nobs=n, power=0.8)       -> 11.5498898 (n=2), 3.2640436 (3), 1.6819971 (5),
-#                                                                          0.9960019 (10)
+#   TTestPower().solve_power(effect_size=None, nobs=n, power=0.8)       -> 11.5498898 (n=2), 3.2640436 (3),
+#                                                                          1.6819971 (5), 0.9960019 (10)
 #   TTestPower().solve_power(effect_size=0.8, power=0.8)                -> 14.30 (so 15 pairs)
 @pytest.mark.parametrize("d,n,power", [(1.0, 10, 0.8030968566), (0.5, 33, 0.7953658415), (0.5, 34, 0.8077775013)])
 def test_t_test_power_matches_published_values(d, n, power):

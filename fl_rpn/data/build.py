@@ -50,8 +50,10 @@ def _read_voc(
 ) -> Any:
     """``sets`` (VOCdevkit with ``VOC<year>/`` folders) or ``split`` (``root`` holds ``Annotations/`` itself)."""
     if (sets is None) == (split is None):
-        raise ValueError(f"VOC dataset node (root {root}) needs exactly one of sets (VOCdevkit: [[year, split], ...]) "
-                         f"or split (a single folder holding Annotations/); it has sets={sets!r}, split={split!r}.")  # fmt: skip
+        raise ValueError(
+            f"VOC dataset node (root {root}) needs exactly one of sets (VOCdevkit: [[year, split], ...]) or split "
+            f"(a single folder holding Annotations/); it has sets={sets!r}, split={split!r}."
+        )
     if classes_from is not None and not isinstance(classes_from, str):
         classes_from = [tuple(s) for s in classes_from]
     year = [tuple(s) for s in sets] if sets is not None else None

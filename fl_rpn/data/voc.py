@@ -61,7 +61,7 @@ def _number(node: ET.Element, key: str, xml_file: Path, where: str = "") -> floa
 def parse_voc_xml(
     xml_file: Path, classes: Sequence[str] = VOC_CLASSES
 ) -> tuple[int, int, list[list[float]], list[int], list[bool]]:
-    """Parse one VOC XML file into ``(width, height, boxes, labels, difficult)``; ``labels[i]`` is 1-based in ``classes``.
+    """Parse one VOC XML file into ``(width, height, boxes, labels, difficult)``; labels are 1-based in ``classes``.
 
     VOC stores 1-based inclusive pixel indices; like torchvision's and detectron2's VOC loaders we
     subtract 1 from ``xmin`` and ``ymin`` only, which turns them into 0-based continuous ``xyxy``
@@ -209,7 +209,10 @@ def read_voc(
         lists = ", ".join(str(_base(root, y) / "ImageSets" / "Main" / f"{s}.txt") for y, s in source)
         log.info("VOC dataset %s: %d classes collected from the XML files listed in %s (sorted): %s",
                  root, len(classes), lists, classes)  # fmt: skip
-    classes = [str(c) for c in classes]
+    if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f"VOC dataset {root}: classes must be a list of class names (e.g. [RBC, WBC]) or null, "
+                         f"got {classes!r}.")  # fmt: skip
+    classes = list(classes)
     if len(set(classes)) != len(classes):
         raise ValueError(f"VOC dataset {root}: the class list {classes} names a class twice.")
     stats = {"difficult_boxes": 0, **box_counts(train), "empty_images": 0, "duplicate_ids_skipped": 0}

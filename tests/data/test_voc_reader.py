@@ -132,6 +132,10 @@ def test_val_class_unknown_to_the_training_split_names_file_and_class(tmp_path, 
         read_voc(tmp_path, None, "val", train=False, classes=None, classes_from="train")
     with pytest.raises(ValueError, match=r"b\.xml has an object of unknown class 'Platelets'"):  # a short list
         read_voc(tmp_path, None, "train", classes=["RBC", "WBC"])
+    with pytest.raises(ValueError, match=r"classes must be a list of class names .* got 'RBC'"):
+        read_voc(tmp_path, None, "train", classes="RBC")
+    with pytest.raises(ValueError, match=r"names a class twice"):
+        read_voc(tmp_path, None, "train", classes=["RBC", "WBC", "RBC", "Platelets"])
 
 
 @pytest.mark.parametrize("filename", [True, False])
@@ -165,7 +169,9 @@ def test_vocdevkit_layout_unchanged(tmp_path, image_writer):
     from fl_rpn.config import compose_config
     from fl_rpn.data import build_dataset
 
-    write_voc(tmp_path / "VOCdevkit", "2007", "trainval", {"000001": (50, 40, [("dog", 0, 1, 2, 10, 20)])}, image_writer)
+    write_voc(
+        tmp_path / "VOCdevkit", "2007", "trainval", {"000001": (50, 40, [("dog", 0, 1, 2, 10, 20)])}, image_writer
+    )
     cfg = compose_config(["dataset=voc2007", f"data_root={tmp_path}"])
     ds = build_dataset(cfg.dataset.train, train=True)
     assert ds.meta.class_names == VOC_CLASSES and ds.meta.category_ids == list(range(1, 21))
