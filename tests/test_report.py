@@ -348,3 +348,19 @@ def test_report_says_when_every_difference_resolves_the_effect(tmp_path):
     assert "With 3 seeds every difference here can resolve an effect of the paper's size (0.40 points)" in text
     _, _, needed = report([tmp_path], metrics=["bbox/AP50"], effect=0.04)["power"]["rpn=focal_softmax"]["bbox/AP50"]
     assert needed == pairs_needed(0.0004 / 0.0001)  # --effect in points: 0.04 points is d = 4
+
+
+def test_report_lists_the_differences_that_cannot_resolve_the_effect(tmp_path):
+    """focal_softmax: sd 0.0001 (resolves 0.4 points); focal_sigmoid: sd 0.02646 (does not): 1 of 2 named."""
+    for seed, (tight, loose) in enumerate(zip([0.0100, 0.0101, 0.0102], [0.01, 0.02, 0.06])):
+        base = 0.5 + 0.1 * seed
+        fake_run(tmp_path, f"s{seed}", ["rpn=sampled", f"seed={seed}"], {"bbox/AP50": base})
+        fake_run(tmp_path, f"f{seed}", ["rpn=focal_softmax", f"seed={seed}"], {"bbox/AP50": base + tight})
+        fake_run(tmp_path, f"g{seed}", ["rpn=focal_sigmoid", f"seed={seed}"], {"bbox/AP50": base + loose})
+    summary = report([tmp_path], metrics=["bbox/AP50"])
+    _, mdd, needed = summary["power"]["rpn=focal_sigmoid"]["bbox/AP50"]
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        "**With 3 seeds, 1 of the 2 differences here cannot resolve an effect of the paper's size (0.40 points):** "
+        f"rpn=focal_sigmoid bbox/AP50 (MDD {100 * mdd:.2f}, {needed} seeds needed). The others can"
+    ) in text
