@@ -8,6 +8,8 @@ Config groups read here (see ``conf/model`` and ``conf/rpn``):
     ``model.detector``: keyword arguments of ``FasterRCNN`` (min_size, box_* ...), passed verbatim.
     ``rpn.loss``: ``sampled`` keeps torchvision's ``RegionProposalNetwork`` untouched; ``focal`` swaps in
     ``FocalLossRPN`` with ``rpn.form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob``.
+    ``rpn.box_normalizer``: ``positives`` (1 / 2 N_pos; with ``sampled`` loss: ``BoxPositivesRPN``) or ``sampled``
+    (1 / batch_size_per_image N; with ``focal`` loss: ``rpn.batch_size_per_image``, default 256).
     The other ``rpn.*`` keys are FasterRCNN's ``rpn_*`` arguments.
 """
 
@@ -31,7 +33,7 @@ from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .errors import WeightsUnavailableError
-from .rpn import use_focal_rpn
+from .rpn import use_box_positives, use_focal_rpn
 
 __all__ = ["build_model", "build_backbone", "apply_speed_options", "TinyBackbone", "RPN_DETECTOR_KEYS", "COMPILE_MODES"]
 
@@ -194,8 +196,15 @@ def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: boo
         model = FasterRCNN(backbone, **detector_kwargs)
     else:
         model = FasterRCNN(backbone, num_classes=num_classes + 1, **detector_kwargs)
+    # rpn.box_normalizer: positives (1 / 2 N_pos) | sampled (1 / batch_size_per_image N); each loss's own by default
+    box_normalizer = rpn_cfg.get("box_normalizer") or ("sampled" if rpn_cfg.loss == "sampled" else "positives")
     if rpn_cfg.loss == "focal":
-        use_focal_rpn(model, **{k: rpn_cfg[k] for k in FOCAL_KEYS}, score_thresh=rpn_cfg.score_thresh)
+        use_focal_rpn(
+            model, **{k: rpn_cfg[k] for k in FOCAL_KEYS}, score_thresh=rpn_cfg.score_thresh,
+            box_normalizer=box_normalizer, batch_size_per_image=rpn_cfg.get("batch_size_per_image") or 256,
+        )  # fmt: skip
+    elif box_normalizer == "positives":  # rpn=sampled (box_normalizer sampled) stays torchvision's own RPN
+        use_box_positives(model)
     return model
 
 

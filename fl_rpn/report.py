@@ -3,7 +3,9 @@
 Runs are the folders holding ``.hydra/overrides.yaml``. The keys whose values differ between runs are
 the swept keys; ``seed`` separates repetitions, every other swept key defines an arm. Per arm: mean ±
 standard deviation and n over seeds; per non-baseline arm: the paired difference to the baseline arm
-(same seed, same values of the other swept keys) with a 95 % Student-t interval across seeds. The
+(same seed, same values of the other swept keys) with a 95 % Student-t interval across seeds, and its power:
+the sd of the differences, the minimal detectable difference (80 % power, 5 % two-sided, noncentral t) for
+the number of seeds run, and the seeds needed to detect an effect of ``--effect`` points (the paper's 0.4). The
 imbalance diagnostics (``rpn/...`` in ``history.json``) are averaged over each run's logged steps first.
 
 Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
@@ -197,8 +199,69 @@ def paired_interval(diffs: list[float]) -> tuple[float, float, float, int]:
     return mean, mean - half, mean + half, n
 
 
-def summarize_runs(runs: list[Run], metrics: list[str], baseline: str) -> dict:
+POWER, ALPHA = 0.8, 0.05  # the power analysis: 80 % power, 5 % two-sided
+
+
+def t_test_power(d: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired (one-sample) t-test with ``n`` pairs at standardised effect ``d`` = mean / sd.
+
+    Exact under normal differences: the statistic is noncentral t with ``n - 1`` degrees of freedom and
+    noncentrality ``d sqrt(n)``; power = P(T' > t_crit) + P(T' < -t_crit), t_crit the 1 - alpha/2 quantile of t.
+    """
+    from scipy import stats
+
+    df, nc = n - 1, d * math.sqrt(n)
+    crit = stats.t.ppf(1 - alpha / 2, df)
+    upper, lower = stats.nct.sf(crit, df, abs(nc)), stats.nct.cdf(-crit, df, abs(nc))
+    if math.isnan(lower):  # scipy returns NaN for this far tail at few degrees of freedom; it is below 1e-10 there
+        lower = 0.0
+    return float(upper + lower)
+
+
+def detectable_effect(n: int, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The standardised effect ``d`` that the paired t-test with ``n`` pairs detects with ``power`` (n >= 2)."""
+    from scipy.optimize import brentq
+
+    if n < 2:
+        return math.nan
+    hi = 1.0
+    while t_test_power(hi, n, alpha) < power:
+        hi *= 2
+    return float(brentq(lambda d: t_test_power(d, n, alpha) - power, 0.0, hi, xtol=1e-10))
+
+
+def pairs_needed(d: float, power: float = POWER, alpha: float = ALPHA, limit: int = 10**6) -> float:
+    """The smallest number of pairs (>= 2) with which the paired t-test detects ``d`` with ``power``; inf above
+    ``limit`` (or for d = 0)."""
+    d = abs(d)
+    if d == 0 or t_test_power(d, limit, alpha) < power:
+        return math.inf
+    lo, hi = 1, 2  # power(lo) < power <= power(hi), power increasing in n
+    while t_test_power(d, hi, alpha) < power:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if t_test_power(d, mid, alpha) < power else (lo, mid)
+    return hi
+
+
+def paired_power(diffs: list[float], effect: float) -> tuple[float, float, float]:
+    """``(sd, mdd, n_needed)`` of paired differences: their sample sd, the minimal detectable difference
+    ``detectable_effect(n) x sd`` for their number n, and the pairs needed to detect ``effect`` (same units)
+    at that sd. The sd is the observed one, so both figures are estimates; nan for fewer than 2 pairs."""
+    _, sd, n = mean_sd_n(diffs)
+    if n < 2:
+        return math.nan, math.nan, math.nan
+    if sd == 0:
+        return 0.0, 0.0, 2
+    return sd, detectable_effect(n) * sd, pairs_needed(effect / sd)
+
+
+def summarize_runs(runs: list[Run], metrics: list[str], baseline: str, effect: float = 0.004) -> dict:
     """Per-arm statistics and paired differences; ``baseline`` is ``key=value`` (e.g. ``rpn=sampled``).
+
+    ``power[arm][metric]`` is ``paired_power`` of the differences, for the fraction metrics (AP, AR, mAP) with
+    ``effect`` (a fraction: 0.004 is 0.4 points).
 
     Statistics cover ``metrics`` and :data:`DIAGNOSTICS`. Raises ``ValueError`` when two finished runs share
     an arm and a seed.
@@ -230,7 +293,7 @@ def summarize_runs(runs: list[Run], metrics: list[str], baseline: str) -> dict:
         table[arm] = row
 
     base_key, _, base_value = baseline.partition("=")
-    diffs, notes = {}, []
+    diffs, power, notes = {}, {}, []
     if base_key not in arm_keys:
         notes.append(f"The baseline {baseline} is not an arm ({base_key} is not a swept key): no paired differences.")
     elif not any(r.overrides.get(base_key) == base_value for r in finished):
@@ -245,7 +308,7 @@ def summarize_runs(runs: list[Run], metrics: list[str], baseline: str) -> dict:
         for arm, members in arms.items():
             if not members or members[0].overrides.get(base_key) == base_value:
                 continue
-            row = {}
+            row, power_row = {}, {}
             for m in names:
                 pairs = []
                 for r in members:
@@ -254,9 +317,11 @@ def summarize_runs(runs: list[Run], metrics: list[str], baseline: str) -> dict:
                         pairs.append(values[r.path][m] - values[b.path][m])
                 if pairs:
                     row[m] = paired_interval(pairs)
-            diffs[arm] = row
+                    if _is_fraction(m) and not m.endswith("share"):
+                        power_row[m] = paired_power(pairs, effect)
+            diffs[arm], power[arm] = row, power_row
     return {"swept": keys, "arm_keys": arm_keys, "arms": arms, "table": table, "diffs": diffs, "notes": notes,
-            "values": values, "baseline": baseline}  # fmt: skip
+            "values": values, "baseline": baseline, "power": power, "effect": effect}  # fmt: skip
 
 
 def _finite(x) -> bool:
@@ -372,6 +437,7 @@ def markdown(
         if "differences.png" in plots:
             lines += ["", "differences.png: the same differences, points at the mean, bars the 95 % interval "
                       "(t-quantile for pairs − 1 degrees of freedom; none for a single pair)."]  # fmt: skip
+        lines += power_lines(summary, diff_metrics)
 
     diagnostics = [k for k in DIAGNOSTICS if any(k in row for row in table.values())]
     if diagnostics:
@@ -396,6 +462,57 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _seeds(n: float) -> str:
+    return "nan" if math.isnan(n) else f"> {10**6:,}" if math.isinf(n) else str(int(n))
+
+
+def power_lines(summary: dict, metrics: list[str]) -> list[str]:
+    """The power section under the paired differences: a table of sd / MDD / seeds needed, and in words whether
+    the table can resolve an effect of ``summary["effect"]`` (the paper's 0.4 points by default)."""
+    power, effect = summary.get("power") or {}, summary.get("effect", 0.004)
+    metrics = [m for m in metrics if any(m in row for row in power.values())]
+    if not metrics:
+        return []
+    size = f"{100 * effect:.2f} points"
+    lines = ["", "### Power of the paired differences", "",
+             "Per arm: the sd of the paired differences across seeds; the MDD, the smallest true difference a paired "
+             "two-sided t-test at 5 % detects with 80 % power with this many pairs (noncentral t, the observed sd "
+             f"taken as the true one); and the seeds (pairs) needed to detect an effect of {size} at that sd. "
+             "In points; sd / MDD / seeds needed:", ""]  # fmt: skip
+    cells = {
+        arm: [" / ".join((_fmt(row[m][0], True, spread=True), _fmt(row[m][1], True, spread=True), _seeds(row[m][2])))
+              if m in row else "-" for m in metrics]
+        for arm, row in power.items() if row
+    }  # fmt: skip
+    lines += _md_table([f"Δ {m}" for m in metrics], cells)
+    checked = [(arm, m, row[m]) for arm, row in power.items() for m in metrics if m in row]
+    cannot = [(arm, m, p) for arm, m, p in checked if not p[1] <= effect]  # nan (a single pair) cannot either
+    pairs = sorted({summary["diffs"][arm][m][3] for arm, m, _ in checked})
+    seeds = ", ".join(map(str, pairs))
+    lines.append("")
+    if not cannot:
+        lines.append(f"With {seeds} seeds every difference here can resolve an effect of the paper's size ({size}): "
+                     "each MDD is at or below it.")  # fmt: skip
+    elif len(cannot) == len(checked):
+        mdds = [p[1] for _, _, p in checked if math.isfinite(p[1])]
+        smallest = f" (the smallest MDD is {100 * min(mdds):.2f} points)" if mdds else ""
+        needed = [p[2] for _, _, p in checked if not math.isnan(p[2])]
+        most = f"; detecting it would take up to {_seeds(max(needed))} seeds" if needed else ""
+        lines.append(f"**This table cannot resolve an effect of the paper's size ({size}) with {seeds} seeds: every "
+                     f"MDD is above it{smallest}{most}.** A difference of that size here is not distinguishable "
+                     "from seed noise, whether or not its interval excludes zero.")  # fmt: skip
+    else:
+        listed = "; ".join(f"{arm} {m} (MDD {100 * p[1]:.2f}, {_seeds(p[2])} seeds needed)" for arm, m, p in cannot)
+        lines.append(f"**With {seeds} seeds, {len(cannot)} of the {len(checked)} differences here cannot "
+                     f"resolve an effect of the paper's size ({size}):** {listed}. The others can (MDD at or "
+                     "below it).")  # fmt: skip
+    stuck = [m for m in metrics if all(row[m][0] < 0.01 for row in summary["table"].values() if m in row)]
+    if stuck:
+        lines.append(f"{', '.join(stuck)}: below 1 % in every arm. A metric stuck near zero has almost no spread "
+                     "across seeds, so its small MDD does not mean this table can rank the arms on it.")  # fmt: skip
+    return lines
+
+
 def write_csv(path: Path, runs: list[Run], metrics: list[str], values: dict | None = None) -> None:
     """One row per run: overrides, ``metrics``, the diagnostics' means over logged steps, provenance."""
     keys = sorted({k for r in runs for k in r.overrides})
@@ -414,14 +531,18 @@ def write_csv(path: Path, runs: list[Run], metrics: list[str], values: dict | No
 
 
 def write_summary_csv(path: Path, summary: dict) -> None:
-    """One row per arm and quantity: n, mean, sd, and the paired difference to the baseline (mean, 95 % interval)."""
+    """One row per arm and quantity: n, mean, sd, and the paired difference to the baseline (mean, 95 % interval,
+    and for AP / AR / mAP its sd, minimal detectable difference at 80 % power and the seeds needed for the effect)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["arm", "metric", "n", "mean", "sd", "diff_n", "diff_mean", "diff_low", "diff_high"])
+        w.writerow(["arm", "metric", "n", "mean", "sd", "diff_n", "diff_mean", "diff_low", "diff_high",
+                    "diff_sd", "diff_mdd80", "diff_seeds_needed"])  # fmt: skip
         for arm, row in summary["table"].items():
             for m, (mean, sd, n) in row.items():
                 diff = summary["diffs"].get(arm, {}).get(m)
-                w.writerow([arm, m, n, mean, sd, *((diff[3], *diff[:3]) if diff else ("", "", "", ""))])
+                power = (summary.get("power") or {}).get(arm, {}).get(m)
+                w.writerow([arm, m, n, mean, sd, *((diff[3], *diff[:3]) if diff else ("", "", "", "")),
+                            *(power if power else ("", "", ""))])  # fmt: skip
 
 
 def tick_label(arm: str) -> str:
@@ -569,14 +690,17 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
     return written
 
 
-def report(roots: list[Path], out_dir: Path | None = None, metrics=DEFAULT_METRICS, baseline="rpn=sampled") -> dict:
+def report(
+    roots: list[Path], out_dir: Path | None = None, metrics=DEFAULT_METRICS, baseline="rpn=sampled", effect=0.4
+) -> dict:
+    """Write report.md, runs.csv, summary.csv and the plots; ``effect`` in points (percent), the power analysis's."""
     found = load_runs(roots)
     missing, notes, known = not_started(roots, found)
     runs = found + missing
     out_dir = out_dir or roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics)
-    summary = summarize_runs(runs, metrics, baseline)
+    summary = summarize_runs(runs, metrics, baseline, effect / 100)
     summary["not_started"] = missing
     plots = [p.name for p in plot(summary, metrics, out_dir)]
     text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known)
@@ -593,9 +717,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first dir)")
     parser.add_argument("--baseline", default="rpn=sampled", help="the arm differences are taken against")
     parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
+    parser.add_argument(
+        "--effect", type=float, default=0.4, help="the effect (AP / AR points) the power analysis asks about (0.4)"
+    )
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.effect) and args.effect > 0):
+        sys.exit(f"fl-rpn-report: --effect {args.effect}: must be a number > 0 (points)")
     try:
-        report(args.dirs, args.out, args.metrics, args.baseline)
+        report(args.dirs, args.out, args.metrics, args.baseline, args.effect)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"fl-rpn-report: {err}")
 

@@ -4,6 +4,11 @@ Chen, Song, Jiang, "Focal Loss for Region Proposal Network", PRCV 2018::
 
     L = loss_weight / N_pos * sum_{label >= 0} FL(p_t) + 1 / (2 N_pos) * sum_{label == 1} smooth_l1(t, t*)
 
+The box term's normaliser is ``box_normalizer`` (config ``rpn.box_normalizer``), for every RPN form:
+``positives`` = 1 / (2 N_pos) (the paper's term, the focal default) or ``sampled`` = 1 / (batch_size_per_image * N),
+the number of anchors torchvision's sampled RPN draws (its default). ``BoxPositivesRPN`` is torchvision's sampled
+RPN with the ``positives`` box normaliser, so that either loss can be paired with either box weight.
+
 Shapes: ``N`` images, ``A`` anchors per location, ``Hi x Wi`` the feature map of level ``i``,
 ``R`` = sum over images and levels of ``A * Hi * Wi`` (all anchors of the batch), ``C`` objectness
 logits per anchor (1 for the sigmoid form, 2 for the softmax form: background, object).
@@ -27,11 +32,32 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, con
 from .diagnostics import anchor_statistics
 from .losses import sigmoid_focal_loss
 
-__all__ = ["FocalLossRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "FORMS"]
+__all__ = [
+    "FocalLossRPN", "BoxPositivesRPN", "TwoLogitRPNHead", "use_focal_rpn", "use_box_positives", "init_objectness_prior",
+    "FORMS", "BOX_NORMALIZERS",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
+BOX_NORMALIZERS = ("positives", "sampled")  # 1 / (2 N_pos) | 1 / (batch_size_per_image * N)
+
+
+def global_count_normalizer(count: Tensor) -> tuple[Tensor, Tensor]:
+    """``(max(1, count), divisor)``: the clamped count of the global batch (all ranks), and what this rank divides
+    its loss sums by, that count over the number of ranks ``W``.
+
+    DDP averages gradients over ranks, so dividing each rank's sum by ``max(1, count) / W`` makes that average
+    the single-process gradient over the global batch (as in DETR). The global count is clamped before the
+    division, so a global batch with fewer positives than ranks (or none) matches one process too.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count.clamp(min=1.0)
+        return count, count / dist.get_world_size()
+    count = count.clamp(min=1.0)
+    return count, count
 
 
 class TwoLogitRPNHead(RPNHead):
@@ -75,6 +101,10 @@ class FocalLossRPN(RegionProposalNetwork):
         alpha: focal weight of object anchors (background anchors get ``1 - alpha``).
         gamma: focal exponent; 0 gives alpha-weighted cross-entropy.
         prior_prob: initial object probability of every anchor; ``None`` keeps the head's bias.
+        box_normalizer: ``"positives"``: the box loss sum over positives / (2 max(1, N_pos)), N_pos of the global
+            batch (the paper); ``"sampled"``: / (``batch_size_per_image`` x N images), what torchvision's sampled
+            RPN divides by when every image has enough anchors to fill its sample (``batch_size_per_image``
+            default 256).
     """
 
     def __init__(
@@ -95,6 +125,7 @@ class FocalLossRPN(RegionProposalNetwork):
         alpha: float = 0.25,
         gamma: float = 2.0,
         prior_prob: float | None = 0.01,
+        box_normalizer: str = "positives",
     ) -> None:
         super().__init__(
             anchor_generator, head, fg_iou_thresh, bg_iou_thresh, 256, 0.5,
@@ -109,6 +140,8 @@ class FocalLossRPN(RegionProposalNetwork):
             raise ValueError(f"rpn alpha must be in [0, 1], got {alpha}")
         if not gamma >= 0:
             raise ValueError(f"rpn gamma must be >= 0, got {gamma}")
+        if box_normalizer not in BOX_NORMALIZERS:
+            raise ValueError(f"rpn box_normalizer must be one of {BOX_NORMALIZERS}, got {box_normalizer!r}")
         num_anchors = head.bbox_pred.out_channels // 4
         if head.cls_logits.out_channels != FORMS[form] * num_anchors:
             raise ValueError(
@@ -120,25 +153,15 @@ class FocalLossRPN(RegionProposalNetwork):
         self.loss_weight = loss_weight
         self.alpha = alpha
         self.gamma = gamma
+        self.box_normalizer = box_normalizer
+        self.box_sample_size = 256 if batch_size_per_image is None else int(batch_size_per_image)
         if prior_prob is not None:
             init_objectness_prior(head.cls_logits, form, prior_prob)
         self.stats: dict[str, Tensor] = {}
 
     def focal_normalizer(self, num_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """``(max(1, N_pos), divisor)``: the clamped positive count of the global batch (all ranks), and what this
-        rank divides its loss sums by, that count over the number of ranks ``W``.
-
-        DDP averages gradients over ranks, so dividing each rank's sum by ``max(1, N_pos) / W`` makes that average
-        the single-process gradient over the global batch (as in DETR). The global count is clamped before the
-        division, so a global batch with fewer positives than ranks (or none) matches one process too.
-        """
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            num_pos = num_pos.clone()
-            dist.all_reduce(num_pos)
-            num_pos = num_pos.clamp(min=1.0)
-            return num_pos, num_pos / dist.get_world_size()
-        num_pos = num_pos.clamp(min=1.0)
-        return num_pos, num_pos
+        """``global_count_normalizer`` of the positive count: ``(max(1, N_pos) of the global batch, divisor)``."""
+        return global_count_normalizer(num_pos)
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -180,7 +203,10 @@ class FocalLossRPN(RegionProposalNetwork):
         box_loss = F.smooth_l1_loss(
             pred_bbox_deltas[pos_idx].to(dtype), targets[pos_idx].to(dtype), beta=1 / 9, reduction="sum"
         )
-        loss_rpn_box_reg = box_loss / (2 * normalizer)
+        if self.box_normalizer == "positives":
+            loss_rpn_box_reg = box_loss / (2 * normalizer)
+        else:  # torchvision's: / sampled_inds.numel(), batch_size_per_image per image
+            loss_rpn_box_reg = box_loss / (self.box_sample_size * num_images)
 
         self.stats = anchor_statistics(
             logit.detach(), negative, per_anchor.detach(), num_positive=num_pos,
@@ -228,6 +254,65 @@ class FocalLossRPN(RegionProposalNetwork):
         return boxes, losses
 
 
+class BoxPositivesRPN(RegionProposalNetwork):
+    """torchvision's sampled ``RegionProposalNetwork`` with the paper's box normaliser, 1 / (2 N_pos).
+
+    Everything is the parent's (sampler, binary cross-entropy over the sampled anchors, smooth L1 with beta 1/9
+    over the sampled positives) except the divisor of the box-loss sum: ``2 max(1, N_pos)``, N_pos the sampled
+    positives of the global batch (all ranks, as ``FocalLossRPN``), instead of ``sampled_inds.numel()``. It is
+    used only for ``rpn.loss=sampled`` with ``rpn.box_normalizer=positives``; ``rpn=sampled`` keeps the parent.
+    """
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """
+        Args:
+            objectness: ``[R, 1]`` logits; pred_bbox_deltas: ``[R, 4]``.
+            labels: per image ``[R_n]`` floats, 1 object, 0 background, -1 ignored.
+            regression_targets: per image ``[R_n, 4]``.
+
+        Returns:
+            ``(loss_objectness, loss_rpn_box_reg)``, scalars.
+        """
+        sampled_pos_inds, sampled_neg_inds = self.fg_bg_sampler(labels)
+        sampled_pos_inds = torch.where(torch.cat(sampled_pos_inds, dim=0))[0]
+        sampled_neg_inds = torch.where(torch.cat(sampled_neg_inds, dim=0))[0]
+        sampled_inds = torch.cat([sampled_pos_inds, sampled_neg_inds], dim=0)
+        objectness = objectness.flatten()
+        labels = torch.cat(labels, dim=0)
+        regression_targets = torch.cat(regression_targets, dim=0)
+        box_sum = F.smooth_l1_loss(
+            pred_bbox_deltas[sampled_pos_inds], regression_targets[sampled_pos_inds], beta=1 / 9, reduction="sum"
+        )
+        num_pos = torch.tensor(float(sampled_pos_inds.numel()), device=box_sum.device)
+        _, normalizer = global_count_normalizer(num_pos)
+        box_loss = box_sum / (2 * normalizer)
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled_inds], labels[sampled_inds])
+        return objectness_loss, box_loss
+
+
+def use_box_positives(model: GeneralizedRCNN) -> GeneralizedRCNN:
+    """Replace ``model.rpn`` (torchvision's sampled RPN) in place by a ``BoxPositivesRPN`` with the same parts
+    (anchor generator, head, matcher thresholds, sampler, top-n, NMS and score threshold)."""
+    old = model.rpn
+    sampler = old.fg_bg_sampler
+    model.rpn = BoxPositivesRPN(
+        old.anchor_generator,
+        old.head,
+        fg_iou_thresh=old.proposal_matcher.high_threshold,
+        bg_iou_thresh=old.proposal_matcher.low_threshold,
+        batch_size_per_image=sampler.batch_size_per_image,
+        positive_fraction=sampler.positive_fraction,
+        pre_nms_top_n=dict(old._pre_nms_top_n),
+        post_nms_top_n=dict(old._post_nms_top_n),
+        nms_thresh=old.nms_thresh,
+        score_thresh=old.score_thresh,
+    )
+    model.rpn.train(old.training)
+    return model
+
+
 def object_logit(objectness: Tensor) -> Tensor:
     """``[R]`` logit whose sigmoid is the object probability, from ``[R, 1]`` or ``[R, 2]`` objectness."""
     if objectness.shape[-1] == 2:
@@ -244,6 +329,8 @@ def use_focal_rpn(
     gamma: float = 2.0,
     prior_prob: float | None = 0.01,
     score_thresh: float = 0.0,
+    box_normalizer: str = "positives",
+    batch_size_per_image: int = 256,
 ) -> GeneralizedRCNN:
     """Replace ``model.rpn`` of any torchvision ``GeneralizedRCNN`` (Faster / Mask / Keypoint R-CNN) in place.
 
@@ -256,7 +343,7 @@ def use_focal_rpn(
     0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01): kept, 0.05 would leave no
     proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses
     ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
-    is logged.
+    is logged. ``box_normalizer`` and ``batch_size_per_image``: see ``FocalLossRPN``.
     """
     old = model.rpn
     if form not in FORMS:
@@ -289,6 +376,8 @@ def use_focal_rpn(
         alpha=alpha,
         gamma=gamma,
         prior_prob=prior_prob,
+        box_normalizer=box_normalizer,
+        batch_size_per_image=batch_size_per_image,
     )
     model.rpn.train(old.training)
     return model

@@ -45,6 +45,11 @@ def validate_config(cfg: DictConfig) -> None:
     else:
         _check_int("rpn.batch_size_per_image", rpn.batch_size_per_image, 1)
         _check_number("rpn.positive_fraction", rpn.positive_fraction, lambda v: 0 < v <= 1, "in (0, 1]")
+    box_normalizer = rpn.get("box_normalizer")
+    _check(box_normalizer in (None, "positives", "sampled"), "rpn.box_normalizer", box_normalizer,
+           "must be 'positives' (1 / 2 N_pos) or 'sampled' (1 / batch_size_per_image N)")  # fmt: skip
+    if rpn.loss == "focal" and box_normalizer == "sampled" and rpn.get("batch_size_per_image") is not None:
+        _check_int("rpn.batch_size_per_image", rpn.batch_size_per_image, 1)
     _check_number("rpn.fg_iou_thresh", rpn.fg_iou_thresh, lambda v: 0 <= v <= 1, "in [0, 1]")
     _check_number("rpn.bg_iou_thresh", rpn.bg_iou_thresh, lambda v: 0 <= v <= rpn.fg_iou_thresh,
                   f"with 0 <= rpn.bg_iou_thresh <= rpn.fg_iou_thresh ({rpn.fg_iou_thresh})")  # fmt: skip

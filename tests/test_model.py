@@ -8,13 +8,16 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
 from fl_rpn.config import CONF_DIR
 from fl_rpn.model import build_backbone
+from fl_rpn.rpn import BoxPositivesRPN
 
 RPN_OPTIONS = sorted(p.stem for p in (CONF_DIR / "rpn").glob("[!_]*.yaml"))
 MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("[!_]*.yaml"))
 
 
 def test_the_options_exist():
-    assert RPN_OPTIONS == ["focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "sampled"]
+    assert RPN_OPTIONS == [
+        "focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "focal_softmax_boxsampled", "sampled", "sampled_boxpos",
+    ]  # fmt: skip
     assert {"r50_fpn", "mbv3_fpn", "tiny_fpn"} <= set(MODEL_OPTIONS)
 
 
@@ -27,6 +30,8 @@ def test_every_model_and_rpn_option_builds(compose_cfg, model_name, rpn_name):
     assert model.roi_heads.box_predictor.cls_score.out_features == 8
     if rpn_name == "sampled":
         assert type(model.rpn) is RegionProposalNetwork
+    elif rpn_name == "sampled_boxpos":
+        assert type(model.rpn) is BoxPositivesRPN and model.rpn.fg_bg_sampler.batch_size_per_image == 256
     else:
         assert type(model.rpn) is FocalLossRPN
         assert model.rpn.form == cfg.rpn.form

@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import yaml
 
-from fl_rpn.report import expected_jobs, load_runs, main, report, t95, tick_label
+from fl_rpn.report import (
+    detectable_effect,
+    expected_jobs,
+    load_runs,
+    main,
+    pairs_needed,
+    report,
+    t95,
+    t_test_power,
+    tick_label,
+)
 
 from .test_train_app import TINY, run_app
 
@@ -283,3 +293,74 @@ def test_loss_curves_plot_comparable_terms_and_short_runs_are_warned_about(tmp_p
 def markdown_text(root):
     report([root], metrics=["bbox/AP", "bbox/AP50"])
     return (root / "report.md").read_text()
+
+
+# Power of the paired (one-sample) two-sided t-test at alpha 0.05. The reference values were computed independently
+# with statsmodels 0.15 (statsmodels.stats.power.TTestPower, alternative="two-sided"), and agree with Cohen (1988),
+# Statistical Power Analysis, table 2.3.5 / 2.4.1 (d = 0.5: n = 34 at 80 % power for the one-sample test):
+#   TTestPower().power(effect_size=1.0, nobs=10, alpha=0.05)            -> 0.8030968566
+#   TTestPower().power(effect_size=0.5, nobs=33 / 34, alpha=0.05)       -> 0.7953658 / 0.8077775
+#   TTestPower().solve_power(effect_size=None, nobs=n, power=0.8)       -> 11.5498898 (n=2), 3.2640436 (3),
+#                                                                          1.6819971 (5), 0.9960019 (10)
+#   TTestPower().solve_power(effect_size=0.8, power=0.8)                -> 14.30 (so 15 pairs)
+@pytest.mark.parametrize("d,n,power", [(1.0, 10, 0.8030968566), (0.5, 33, 0.7953658415), (0.5, 34, 0.8077775013)])
+def test_t_test_power_matches_published_values(d, n, power):
+    assert t_test_power(d, n) == pytest.approx(power, abs=1e-7)
+
+
+@pytest.mark.parametrize("n,d", [(2, 11.5498897550), (3, 3.2640435528), (5, 1.6819970833), (10, 0.9960019108)])
+def test_detectable_effect_matches_published_values(n, d):
+    assert detectable_effect(n) == pytest.approx(d, rel=1e-6)  # statsmodels' root finder stops at ~1e-7 relative
+
+
+def test_pairs_needed_matches_published_values():
+    assert pairs_needed(0.5) == 34 and pairs_needed(0.8) == 15 and pairs_needed(1.0) == 10
+    assert pairs_needed(1e-4) == math.inf  # beyond a million pairs
+
+
+def power_runs(root, diffs):
+    """3 seeds of rpn=sampled (AP50 0.5 + 0.1 seed) and rpn=focal_softmax at the given paired differences."""
+    for seed, diff in enumerate(diffs):
+        fake_run(root, f"s{seed}", ["rpn=sampled", f"seed={seed}"], {"bbox/AP50": 0.5 + 0.1 * seed})
+        fake_run(root, f"f{seed}", ["rpn=focal_softmax", f"seed={seed}"], {"bbox/AP50": 0.5 + 0.1 * seed + diff})
+
+
+def test_report_gives_sd_mdd_and_seeds_needed_and_says_when_the_effect_cannot_be_resolved(tmp_path):
+    diffs = [0.01, 0.02, 0.06]  # sd 0.02646 (2.65 points) over 3 seeds
+    power_runs(tmp_path, diffs)
+    summary = report([tmp_path], metrics=["bbox/AP50"])
+    sd = statistics.stdev(diffs)
+    got_sd, mdd, needed = summary["power"]["rpn=focal_softmax"]["bbox/AP50"]
+    assert got_sd == pytest.approx(sd) and mdd == pytest.approx(3.2640435528 * sd, rel=1e-6)
+    assert needed == pairs_needed(0.004 / sd) and needed > 300  # d = 0.151: hundreds of seeds
+    text = (tmp_path / "report.md").read_text()
+    power_table = text.split("### Power of the paired differences")[1]
+    assert f"| rpn=focal_softmax | 2.65 / {100 * 3.2640435528 * sd:.2f} / {needed} |" in power_table  # 8.64 / 346
+    assert "**This table cannot resolve an effect of the paper's size (0.40 points) with 3 seeds" in text
+    row = next(r for r in read_csv(tmp_path / "summary.csv") if r["arm"] == "rpn=focal_softmax")
+    assert float(row["diff_mdd80"]) == pytest.approx(mdd) and int(row["diff_seeds_needed"]) == needed
+
+
+def test_report_says_when_every_difference_resolves_the_effect(tmp_path):
+    power_runs(tmp_path, [0.0100, 0.0101, 0.0102])  # sd 0.0001: MDD 0.03 points
+    main([str(tmp_path), "--metrics", "bbox/AP50", "--effect", "0.4"])
+    text = (tmp_path / "report.md").read_text()
+    assert "With 3 seeds every difference here can resolve an effect of the paper's size (0.40 points)" in text
+    _, _, needed = report([tmp_path], metrics=["bbox/AP50"], effect=0.04)["power"]["rpn=focal_softmax"]["bbox/AP50"]
+    assert needed == pairs_needed(0.0004 / 0.0001)  # --effect in points: 0.04 points is d = 4
+
+
+def test_report_lists_the_differences_that_cannot_resolve_the_effect(tmp_path):
+    """focal_softmax: sd 0.0001 (resolves 0.4 points); focal_sigmoid: sd 0.02646 (does not): 1 of 2 named."""
+    for seed, (tight, loose) in enumerate(zip([0.0100, 0.0101, 0.0102], [0.01, 0.02, 0.06])):
+        base = 0.5 + 0.1 * seed
+        fake_run(tmp_path, f"s{seed}", ["rpn=sampled", f"seed={seed}"], {"bbox/AP50": base})
+        fake_run(tmp_path, f"f{seed}", ["rpn=focal_softmax", f"seed={seed}"], {"bbox/AP50": base + tight})
+        fake_run(tmp_path, f"g{seed}", ["rpn=focal_sigmoid", f"seed={seed}"], {"bbox/AP50": base + loose})
+    summary = report([tmp_path], metrics=["bbox/AP50"])
+    _, mdd, needed = summary["power"]["rpn=focal_sigmoid"]["bbox/AP50"]
+    text = (tmp_path / "report.md").read_text()
+    assert (
+        "**With 3 seeds, 1 of the 2 differences here cannot resolve an effect of the paper's size (0.40 points):** "
+        f"rpn=focal_sigmoid bbox/AP50 (MDD {100 * mdd:.2f}, {needed} seeds needed). The others can"
+    ) in text

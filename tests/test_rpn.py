@@ -339,3 +339,104 @@ def test_loss_is_float32_under_bf16_autocast(form):
         assert got.dtype == torch.float32
         # only the bf16 rounding of the inputs remains (relative 2^-8 per logit), not of the sum or the count
         assert got.item() == pytest.approx(want.item(), rel=1e-2)
+
+
+# rpn.box_normalizer. Every prediction is 0 and every target 1, so each positive anchor's smooth L1 (beta 1/9) is
+# 4 x (1 - 1/18) = 34/9 and the box-loss sum is 34/9 x (the anchors with a box loss): closed-form values below.
+SMOOTH_L1_PER_ANCHOR = 4 * (1 - 0.5 / 9)
+
+
+def box_case(positives_per_image, negatives_per_image, form="sigmoid"):
+    """labels (2 images of 20 anchors) with the given positives and negatives, the rest ignored (-1)."""
+    labels = []
+    for p, n in zip(positives_per_image, negatives_per_image):
+        lab = torch.full((20,), -1.0)
+        lab[:p], lab[p : p + n] = 1.0, 0.0
+        labels.append(lab)
+    objectness = torch.zeros(40, 2 if form == "softmax" else 1)
+    return objectness, torch.zeros(40, 4), labels, [torch.ones(20, 4), torch.ones(20, 4)]
+
+
+def sampled_rpn(cls, batch_size_per_image=8, positive_fraction=0.25):
+    return cls(
+        AnchorGenerator(SIZES, RATIOS), RPNHead(CHANNELS, A), 0.7, 0.3, batch_size_per_image, positive_fraction,
+        dict(training=200, testing=100), dict(training=200, testing=100), 0.7,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "softmax"])
+def test_focal_box_normalizers_closed_form(form):
+    """3 + 1 positives in 2 images: positives -> sum / (2 x 4); sampled -> sum / (256 x 2) (and / (8 x 2))."""
+    case = box_case([3, 1], [10, 12], form)
+    box_sum = 4 * SMOOTH_L1_PER_ANCHOR
+    _, loss = make_rpn(form).compute_loss(*case)  # the default is the paper's
+    assert loss.item() == pytest.approx(box_sum / 8, rel=1e-6)
+    _, loss = make_rpn(form, box_normalizer="sampled").compute_loss(*case)
+    assert loss.item() == pytest.approx(box_sum / 512, rel=1e-6)
+    _, loss = make_rpn(form, box_normalizer="sampled", batch_size_per_image=8).compute_loss(*case)
+    assert loss.item() == pytest.approx(box_sum / 16, rel=1e-6)
+    with pytest.raises(ValueError, match="box_normalizer must be one of"):
+        make_rpn(form, box_normalizer="anchors")
+
+
+def test_sampled_box_normalizers_closed_form_and_torchvision_unchanged():
+    """batch_size_per_image 8 at 1/4 positives: 2 positives and 6 negatives sampled per image (each image has more
+    of both), 16 sampled anchors. torchvision: sum over the 4 sampled positives / 16; BoxPositivesRPN: / (2 x 4);
+    with the same sampler draws the objectness losses are equal."""
+    from fl_rpn.rpn import BoxPositivesRPN
+
+    case = box_case([5, 3], [10, 12])
+    box_sum = 4 * SMOOTH_L1_PER_ANCHOR
+    torch.manual_seed(0)
+    obj_tv, box_tv = sampled_rpn(RegionProposalNetwork).compute_loss(*case)
+    torch.manual_seed(0)
+    obj_pos, box_pos = sampled_rpn(BoxPositivesRPN).compute_loss(*case)
+    assert box_tv.item() == pytest.approx(box_sum / 16, rel=1e-6)  # torchvision's own: / sampled_inds.numel()
+    assert box_pos.item() == pytest.approx(box_sum / 8, rel=1e-6)
+    assert obj_pos.item() == obj_tv.item() == pytest.approx(math.log(2), rel=1e-6)  # BCE of logit 0
+
+
+def test_rpn_presets_and_their_box_normalizers():
+    """rpn=sampled is exactly torchvision's class; the cross arms change the box normaliser only."""
+    from fl_rpn.config import compose_config
+    from fl_rpn.model import build_model
+    from fl_rpn.rpn import BoxPositivesRPN
+
+    def rpn(name):
+        return build_model(compose_config([f"rpn={name}"]), 3).rpn
+
+    assert type(rpn("sampled")) is RegionProposalNetwork
+    boxpos = rpn("sampled_boxpos")
+    assert type(boxpos) is BoxPositivesRPN and boxpos.fg_bg_sampler.batch_size_per_image == 256
+    assert boxpos.fg_bg_sampler.positive_fraction == 0.5 and boxpos.score_thresh == 0.0
+    assert (rpn("focal_softmax").box_normalizer, rpn("focal_sigmoid").box_normalizer) == ("positives", "positives")
+    crossed = rpn("focal_softmax_boxsampled")
+    assert (crossed.form, crossed.box_normalizer, crossed.box_sample_size) == ("softmax", "sampled", 256)
+
+
+def test_box_positives_normalizer_uses_the_global_count_under_ddp(monkeypatch):
+    """Rank 0 of 2 with 4 sampled positives while the other rank has 6: divides its sum by 2 x 10 / 2 (the global
+    count over the world size, as FocalLossRPN), so the DDP mean of the gradients is the global-batch one."""
+    import fl_rpn.rpn as rpn_module
+    from fl_rpn.rpn import BoxPositivesRPN
+
+    class TwoRanks:
+        @staticmethod
+        def is_available():
+            return True
+
+        @staticmethod
+        def is_initialized():
+            return True
+
+        @staticmethod
+        def get_world_size():
+            return 2
+
+        @staticmethod
+        def all_reduce(t):
+            t.add_(6.0)
+
+    monkeypatch.setattr(rpn_module, "dist", TwoRanks)
+    _, box = sampled_rpn(BoxPositivesRPN).compute_loss(*box_case([5, 3], [10, 12]))
+    assert box.item() == pytest.approx(4 * SMOOTH_L1_PER_ANCHOR / (2 * 5), rel=1e-6)

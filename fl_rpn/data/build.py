@@ -4,7 +4,10 @@ A dataset node names its ``format`` and, beside it, exactly the arguments of tha
 
 - ``{format: coco, images: DIR, annotations: FILE.json, keep_empty: true}``         -> ``read_coco``
 - ``{format: voc, root: VOCdevkit, sets: [[2007, trainval], [2012, trainval]]}``      -> ``read_voc``
-  (``sets`` is the list of (year, split) pairs; it is ``read_voc``'s ``year`` argument)
+  (``sets`` is the list of (year, split) pairs; it is ``read_voc``'s ``year`` argument), or
+  ``{format: voc, root: DIR, split: train, classes: null, classes_from: train}`` for a single folder holding
+  ``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/`` (``classes``: a list, or null to collect them from the
+  ``classes_from`` split's XML files; default: the 20 PASCAL classes)
 - ``{format: yolo, images: DIR, labels: DIR, names: data.yaml, category_ids: coco80}`` -> ``read_yolo``
 - ``{format: synthetic, cache_dir: DIR, split: train, num_images: 400, seed: 0, image_size: [256, 320]}``
   -> ``ensure_synthetic`` (any other ``make_synthetic_coco`` argument may be added), then ``read_coco``
@@ -31,7 +34,7 @@ from .coco import read_coco
 from .dataset import DetectionDataset
 from .synthetic import ensure_synthetic, make_synthetic_coco
 from .transforms import build_transforms
-from .voc import read_voc
+from .voc import VOC_CLASSES, read_voc
 from .yolo import read_yolo
 
 
@@ -40,8 +43,24 @@ def _read_synthetic(train: bool = True, **kwargs: Any):
     return read_coco(images, annotations, train=train)
 
 
-def _read_voc(root: str, sets: list, train: bool = True) -> Any:
-    return read_voc(root, [tuple(s) for s in sets], train=train)
+def _read_voc(
+    root: str,
+    sets: list | None = None,
+    split: str | None = None,
+    classes: list | None = VOC_CLASSES,
+    classes_from: str | list | None = None,
+    train: bool = True,
+) -> Any:
+    """``sets`` (VOCdevkit with ``VOC<year>/`` folders) or ``split`` (``root`` holds ``Annotations/`` itself)."""
+    if (sets is None) == (split is None):
+        raise ValueError(
+            f"VOC dataset node (root {root}) needs exactly one of sets (VOCdevkit: [[year, split], ...]) or split "
+            f"(a single folder holding Annotations/); it has sets={sets!r}, split={split!r}."
+        )
+    if classes_from is not None and not isinstance(classes_from, str):
+        classes_from = [tuple(s) for s in classes_from]
+    year = [tuple(s) for s in sets] if sets is not None else None
+    return read_voc(root, year, split or "", train=train, classes=classes, classes_from=classes_from)
 
 
 READERS = {"coco": read_coco, "voc": _read_voc, "yolo": read_yolo, "synthetic": _read_synthetic}
