@@ -20,7 +20,7 @@ from ..data import build_dataset, require_valid
 from ..data.build import shutdown_workers
 from ..data.check import drop_bad_images
 from ..diagnostics import attach_anchor_diagnostics
-from ..errors import NonFiniteLossError
+from ..errors import NonFiniteLossError  # noqa: F401  (raised by the step; imported from here)
 from ..evaluation import build_evaluators, summarize
 from ..model import apply_speed_options, build_model
 from ..provenance import provenance
@@ -29,24 +29,20 @@ from .checkpoint import (
     check_resume_config,
     load_checkpoint,
     load_model_state,
-    nonfinite_tensors,
     rng_state,
     save_checkpoint,
     set_rng_state,
     write_json,
 )
-from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler, clip_grad_norm_, lr_factor, scaled_lr
+from .optim import build_optimizer, build_scheduler, lr_factor, scaled_lr
+from .step import TrainStep
 from .stream import TrainStream
 
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
-
-# nonfinite=skip stops after this many skipped steps in a row: the weights are finite but diverged (huge), and
-# every batch gives a non-finite loss, so skipping more would only burn the rest of the schedule
-MAX_CONSECUTIVE_SKIPS = 10
 
 
 def select_device(name: str) -> torch.device:
@@ -227,7 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "iteration": iteration, "skipped_steps": skipped_steps, "rng": rngs, "history": history,
+                    "iteration": iteration, "skipped_steps": step.skipped_steps, "rng": rngs, "history": history,
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "meta": {"class_names": train_set.meta.class_names, "category_ids": train_set.meta.category_ids},
                 },
@@ -249,7 +245,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     iteration = start_iter
     batches = None
-    consecutive_skips = 0
+    step = TrainStep(
+        model=model, optimizer=optimizer, device=device, forward_model=ddp_model, scaler=scaler, amp_dtype=amp_dtype,
+        clip_grad_norm=cfg.clip_grad_norm, nonfinite=cfg.nonfinite, checkpoint_path=output_dir / "last.pt",
+        stop_requested=lambda: preemption.requested, dist_info=dist_info,
+    )  # fmt: skip
+    step.skipped_steps = skipped_steps
     try:
         model.train()
         batches = stream.from_iteration(start_iter)
@@ -257,45 +258,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             images, targets = next(batches)
             images = [_to(img, device) for img in images]
             targets = [{k: _to(v, device) for k, v in t.items()} for t in targets]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = ddp_model(images, targets)
-            loss = sum(losses.values())
-            # all ranks skip / stop together, or the others would wait in DDP's all_reduce forever
-            nonfinite, stop = any_rank([~torch.isfinite(loss), preemption.requested], dist_info)
-            if nonfinite:
-                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                where = f" on rank {dist_info.rank}" if not torch.isfinite(loss) else " on another rank"
-                message = f"non-finite loss{where if dist_info.enabled else ''} at iteration {iteration}: {terms}"
-                if cfg.nonfinite != "skip":
-                    last = output_dir / "last.pt"
-                    saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-                    raise NonFiniteLossError(f"{message}; {saved}")
-                # Skipping cannot recover from weights that are no longer finite (every later loss is non-finite
-                # too) nor from a long run of non-finite losses: stop. Checked on this rare path only; the
-                # weights and the count are the same on every rank, so all ranks stop together.
-                bad = nonfinite_tensors(model.state_dict())
-                consecutive_skips += 1
-                if bad or consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                    last = output_dir / "last.pt"
-                    saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
-                    why = (f"{len(bad)} model tensor(s) are not finite (e.g. {bad[0]})" if bad
-                           else f"{consecutive_skips} steps in a row were skipped")  # fmt: skip
-                    raise NonFiniteLossError(
-                        f"{message}, and {why}: training diverged and nonfinite=skip cannot recover; {saved}. "
-                        "Lower optim.lr or set clip_grad_norm, then resume from it (resume=PATH) or start again."
-                    )
-                log.warning("%s: step skipped", message)
-                skipped_steps += 1
-            else:
-                consecutive_skips = 0
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.clip_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    clip_grad_norm_(model, cfg.clip_grad_norm)  # the softmax logit difference counted once
-                scaler.step(optimizer)
-                scaler.update()
-                step_scalars = {"loss": loss, **losses, **{f"rpn/{k}": v for k, v in model.rpn.stats.items()}}
+            out = step(images, targets, iteration=iteration)
+            stop = out.stop
+            if not out.skipped:
+                step_scalars = {**out.losses, **{f"rpn/{k}": v for k, v in model.rpn.stats.items()}}
                 for k, v in step_scalars.items():
                     window.setdefault(k, []).append(v.detach())
             # a skipped step still counts as an iteration: the schedule, checkpoints and SIGTERM carry on
@@ -312,7 +278,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 scalars = all_reduce_mean(dict(zip(window, means)), dist_info)
                 window = {}
                 scalars["lr"] = optimizer.param_groups[0]["lr"]
-                scalars["skipped_steps"] = skipped_steps
+                scalars["skipped_steps"] = step.skipped_steps
                 history.append({"iteration": iteration, **scalars})
                 if dist_info.is_main:  # train.log keeps the curves too
                     log.info("iteration %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
@@ -347,7 +313,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "train/iterations": iteration,
                 "train/seconds": train_seconds,
                 "train/images_per_second": images_seen / max(train_seconds, 1e-9),
-                "train/skipped_steps": skipped_steps,
+                "train/skipped_steps": step.skipped_steps,
                 "train/bad_images_skipped": train_set.stats.get("bad_images_skipped", 0),
                 "eval/bad_images_skipped": val_set.stats.get("bad_images_skipped", 0),
                 "eval/seconds": eval_seconds,
