@@ -4,7 +4,7 @@ A checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler`` state dic
 (the number of finished iterations), ``skipped_steps`` (those of them whose step was skipped: ``nonfinite=skip``),
 ``rng`` (torch CPU / CUDA and Python states), ``history`` (the logged scalars so far), ``config`` (the
 resolved run config as plain containers, used to explain a mismatch), ``meta`` (the classes) and ``hooks``
-(``{name: state}`` of the training hooks that have state; absent in checkpoints written before
+(``{name: state}`` of the training hooks that have state, e.g. ``ema``; absent in checkpoints written before
 hooks existed, which resume without it).
 """
 

@@ -6,7 +6,7 @@ TensorBoard events (``tb/``), ``last.pt``, ``history.json`` and ``metrics.json``
 
 ``train`` is setup (process, data, model, optimizer, resume) followed by one loop: per iteration a ``TrainStep``
 (``step.py``), the lr schedule, then ``after_step`` of every hook (``hooks.py``: pre-emption, logging,
-checkpointing, evaluation). What the hooks write is described in their docstrings.
+checkpointing, evaluation; ``ema.py``). What the hooks write is described in their docstrings.
 """
 
 import logging
@@ -28,6 +28,7 @@ from ..model import apply_speed_options, build_model
 from ..validation import validate_config
 from .checkpoint import check_resume_config, load_checkpoint, load_model_state, set_rng_state
 from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from .ema import EMA
 from .evaluate import evaluate
 from .hooks import Checkpointer, Evaluation, MetricsLogger, Preemption, TrainState
 from .optim import build_optimizer, build_scheduler, lr_factor, scaled_lr
@@ -211,11 +212,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir=output_dir, train_set=train_set, val_set=val_set, start_iter=start_iter, iteration=start_iter,
         history=history,
     )  # fmt: skip
+    ema = EMA(model=model, decay=cfg.ema) if cfg.ema is not None else None  # after resume: from the loaded weights
     logger = MetricsLogger(log_every=schedule.log_every, max_iters=schedule.max_iters)
     evaluation = Evaluation(evaluate=lambda m: run_evaluation(cfg, m, val_set, device, dist_info),
-                            eval_every=schedule.eval_every, logger=logger)  # fmt: skip
+                            eval_every=schedule.eval_every, logger=logger, ema=ema)  # fmt: skip
     checkpointer = Checkpointer(checkpoint_every=schedule.checkpoint_every, scaler=scaler)
-    state.hooks = [preemption, logger, checkpointer, evaluation]
+    state.hooks = [preemption, *([ema] if ema else []), logger, checkpointer, evaluation]
     for hook in state.hooks:
         if hook.name in ckpt.get("hooks", {}):
             hook.load_state_dict(ckpt["hooks"][hook.name])
