@@ -37,8 +37,6 @@ from .stream import TrainStream
 
 log = logging.getLogger(__name__)
 
-LOSS_KEYS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
-
 
 def select_device(name: str) -> torch.device:
     if name == "auto":
