@@ -93,6 +93,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check(cfg.nonfinite in ("stop", "skip"), "nonfinite", cfg.nonfinite, "must be 'stop' or 'skip'")
     _check(cfg.clip_grad_norm is None or (_is_number(cfg.clip_grad_norm) and cfg.clip_grad_norm > 0),
            "clip_grad_norm", cfg.clip_grad_norm, "must be null or a number > 0")  # fmt: skip
+    _check(cfg.ema is None or (_is_number(cfg.ema) and 0 < cfg.ema < 1), "ema", cfg.ema,
+           "must be null or a decay in (0, 1), e.g. 0.999")  # fmt: skip
     _check(cfg.check_images in (False, "header", "decode"), "check_images", cfg.check_images,
            "must be false, 'header' or 'decode'")  # fmt: skip
     _check(cfg.bad_images in ("error", "skip"), "bad_images", cfg.bad_images, "must be 'error' or 'skip'")

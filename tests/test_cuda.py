@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fl_rpn.config import compose_config
 from fl_rpn.engine.checkpoint import load_checkpoint
+from fl_rpn.engine.step import TrainStep
 from fl_rpn.engine.trainer import train
 from fl_rpn.model import build_model
 from fl_rpn.rpn import FocalLossRPN
@@ -53,17 +54,13 @@ def test_a_train_step_of_every_rpn_form(rpn, amp):
     model = build_model(cfg, num_classes=3).to(DEVICE).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=amp == "fp16")
+    step = TrainStep(model=model, optimizer=optimizer, device=DEVICE, scaler=scaler, amp_dtype=AMPS[amp])
     images, targets = batch(DEVICE)
     for _ in range(2):
-        with torch.autocast(DEVICE.type, dtype=AMPS[amp], enabled=AMPS[amp] is not None):
-            losses = model(images, targets)
-        loss = sum(losses.values())
+        out = step(images, targets)
+        losses = out.losses
         assert all(v.dtype == torch.float32 and v.device.type == DEVICE.type for v in losses.values()), losses
-        assert math.isfinite(loss.item()), losses
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        assert math.isfinite(losses["loss"].item()) and not out.skipped, losses
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if rpn != "sampled":
         assert model.rpn.stats["focal_normalizer"].dtype == torch.float32

@@ -18,7 +18,8 @@ Arms, interleaved in one process (the start arm rotated every round), each its o
   start-up and the first batch (reported apart), which training pays once per stream. Also reported: the time
   the main process waited for batches after the first one; near zero means the loader keeps up with the model.
 
-Each step is the trainer's: autocast forward, loss sum, finiteness check, zero_grad, backward, SGD step.
+Each step is the trainer's own (``fl_rpn.engine.step.TrainStep``): autocast forward, loss sum, finiteness check,
+zero_grad, backward, SGD step.
 Reported per arm: median images/s over ``--rounds`` samples, against torchvision's reference recipe
 (~9 images/s per V100) and the target of >= 40 images/s on one H100; peak CUDA memory over one sample.
 
@@ -58,12 +59,13 @@ from _common import (
     write_numbers,
     write_section,
 )
-from train_step import make_batch, train_step
+from train_step import make_batch
 
 from fl_rpn import build_model
 from fl_rpn.config import compose_config
 from fl_rpn.data import build_dataset
 from fl_rpn.engine.optim import build_optimizer
+from fl_rpn.engine.step import TrainStep
 from fl_rpn.engine.stream import TrainStream
 from fl_rpn.model import apply_speed_options
 
@@ -89,6 +91,7 @@ def arm_name(amp: str, channels_last: bool, compiled: str | None = None) -> str:
 
 
 def build_arm(args, amp: str, channels_last: bool, size: tuple[int, int], device: torch.device, compiled=None):
+    """The arm's model and SGD optimizer, as its ``TrainStep``."""
     h, w = size
     overrides = [f"model={args.model}", f"rpn={args.rpn}", f"batch_size={args.batch}"]
     overrides += [f"model.detector.min_size={min(h, w)}", f"model.detector.max_size={max(h, w)}"]
@@ -97,7 +100,8 @@ def build_arm(args, amp: str, channels_last: bool, size: tuple[int, int], device
     model = build_model(cfg, num_classes=args.num_classes).to(device).train()
     apply_speed_options(model, channels_last=channels_last, compile_mode=compiled)  # as the trainer does
     optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
-    return model, optimizer, (torch.bfloat16 if amp == "bf16" else None)
+    amp_dtype = torch.bfloat16 if amp == "bf16" else None
+    return TrainStep(model=model, optimizer=optimizer, device=device, amp_dtype=amp_dtype)
 
 
 def load_dataset(args, size: tuple[int, int]):
@@ -120,7 +124,7 @@ def load_dataset(args, size: tuple[int, int]):
     return build_dataset(cfg.dataset.train, train=True, hflip_prob=cfg.hflip_prob), cfg
 
 
-def loader_arm(stream: TrainStream, model, optimizer, amp_dtype, steps: int, device: torch.device, record: dict):
+def loader_arm(stream: TrainStream, train_step: TrainStep, steps: int, device: torch.device, record: dict):
     """One sample: a fresh DataLoader from the next unseen iteration, ``steps`` training steps on its batches."""
     position = [0]
 
@@ -136,7 +140,7 @@ def loader_arm(stream: TrainStream, model, optimizer, amp_dtype, steps: int, dev
                 targets = [{k: v.to(device, non_blocking=v.is_pinned()) if torch.is_tensor(v) else v
                             for k, v in t.items()} for t in targets]  # fmt: skip
                 waits.append(time.perf_counter() - t0)
-                train_step(model, optimizer, images, targets, device, amp_dtype)
+                train_step(images, targets)
         finally:
             shut_down(batches)  # nothing is prefetched while the other arms run
         synchronize(device)
@@ -208,11 +212,11 @@ def main() -> None:
     for key in args.arms.split(","):
         amp, channels_last, compiled = parse_arm(key.strip())
         compiled = args.compile_mode if compiled else None
-        model, optimizer, amp_dtype = build_arm(args, amp, channels_last, size, device, compiled)
+        train_step = build_arm(args, amp, channels_last, size, device, compiled)
 
-        def sample(model=model, optimizer=optimizer, amp_dtype=amp_dtype) -> None:
+        def sample(train_step=train_step) -> None:
             for _ in range(args.steps):
-                train_step(model, optimizer, images, targets, device, amp_dtype)
+                train_step(images, targets)
 
         name = arm_name(amp, channels_last, compiled)
         samples[name], images_per_sample[name] = sample, args.batch * args.steps
@@ -225,11 +229,11 @@ def main() -> None:
         stream = TrainStream(
             dataset, args.batch, args.workers, args.seed, data_cfg.group_aspect_ratio, pin_memory=device.type == "cuda"
         )
-        model, optimizer, amp_dtype = build_arm(args, args.loader_amp, args.loader_channels_last == "on", size, device)
+        train_step = build_arm(args, args.loader_amp, args.loader_channels_last == "on", size, device)
         record = {"first": [], "wait": []}
         same = arm_name(args.loader_amp, args.loader_channels_last == "on")
         loader = f"{same}, loader ({args.workers} workers)"
-        samples[loader] = loader_arm(stream, model, optimizer, amp_dtype, args.loader_steps, device, record)
+        samples[loader] = loader_arm(stream, train_step, args.loader_steps, device, record)
         images_per_sample[loader] = args.batch * args.loader_steps
 
     times = interleaved_times(samples, args.rounds, device, warmup=args.warmup)

@@ -1,10 +1,10 @@
 """Host syncs in one training step per RPN form, counted with ``torch.cuda.set_sync_debug_mode("warn")``.
 
-The step is ``train_step.train_step`` (the trainer's: autocast forward, loss sum, finiteness check, zero_grad,
-backward, SGD step) on a fixed synthetic batch already on the device, after one warm-up step. Every synchronizing
-CUDA call warns from the Python line that made it; the warnings are grouped by that line and by who owns it
-(``fl_rpn``, ``torchvision``, ``torch`` or this benchmark). On the CPU nothing warns (the mode is CUDA's): the run
-only checks the script.
+The step is the trainer's own, ``fl_rpn.engine.step.TrainStep`` (autocast forward, loss sum, finiteness check,
+zero_grad, backward, SGD step) on a fixed synthetic batch already on the device, after one warm-up step. Every
+synchronizing CUDA call warns from the Python line that made it; the warnings are grouped by that line and by who
+owns it (``fl_rpn``, ``torchvision``, ``torch`` or this benchmark). On the CPU nothing warns (the mode is CUDA's): the
+run only checks the script.
 
     python experiments/benchmarks/sync_count.py --device cuda --model r50_fpn --size 800,1333 --batch 2
 """
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 from _common import add_common_arguments, select_device, write_numbers
-from train_step import make_batch, train_step
+from train_step import make_batch
 
 from fl_rpn import build_model
 from fl_rpn.config import compose_config
 from fl_rpn.diagnostics import attach_anchor_diagnostics
 from fl_rpn.engine.optim import build_optimizer
+from fl_rpn.engine.step import TrainStep
 
 FORMS = ("sampled", "focal_sigmoid", "focal_softmax")
 
@@ -83,8 +84,10 @@ def main() -> None:
         attach_anchor_diagnostics(model.rpn)  # as the trainer does
         optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
 
-        def step(model=model, optimizer=optimizer) -> None:
-            train_step(model, optimizer, images, targets, device, amp_dtype)
+        train_step = TrainStep(model=model, optimizer=optimizer, device=device, amp_dtype=amp_dtype)
+
+        def step(train_step=train_step) -> None:
+            train_step(images, targets)
 
         step()  # warm-up: cudnn autotuning and the allocator's first growth are not part of a step
         syncs = count_syncs(step, device)

@@ -1,11 +1,11 @@
 """Whole training step, sampled RPN vs FL-RPN (sigmoid, softmax): time and peak memory, interleaved.
 
-One step is what ``fl_rpn.engine.trainer`` does per iteration: forward in train mode (losses), sum,
-the finiteness check, ``zero_grad``, ``backward``, SGD ``step`` (``fl_rpn.engine.optim.build_optimizer``),
-with the anchor diagnostics attached to the sampled RPN as the trainer attaches them
-(``--no-diagnostics`` to drop them). Models come from ``fl_rpn.config.compose_config`` +
-``fl_rpn.build_model``, all arms from the same seed; the batch is a fixed set of synthetic tensors
-(no disk I/O): images uniform in [0, 1], 1-6 boxes per image of 8-50 % of the image side.
+One step is the trainer's own, ``fl_rpn.engine.step.TrainStep``: forward in train mode under autocast (losses),
+sum, the finiteness check, ``zero_grad``, ``backward`` (through a disabled GradScaler: no fp16 here), SGD ``step``
+(``fl_rpn.engine.optim.build_optimizer``; no clipping, the config's default), with the anchor diagnostics
+attached to the sampled RPN as the trainer attaches them (``--no-diagnostics`` to drop them). Models come from
+``fl_rpn.config.compose_config`` + ``fl_rpn.build_model``, all arms from the same seed; the batch is a fixed set
+of synthetic tensors (no disk I/O): images uniform in [0, 1], 1-6 boxes per image of 8-50 % of the image side.
 
     python experiments/benchmarks/train_step.py                                  # tiny_fpn, CPU demo scale
     python experiments/benchmarks/train_step.py --model r50_fpn --size 800,1333 --batch 2 --device cuda
@@ -41,6 +41,7 @@ from fl_rpn import build_model
 from fl_rpn.config import compose_config
 from fl_rpn.diagnostics import attach_anchor_diagnostics
 from fl_rpn.engine.optim import build_optimizer
+from fl_rpn.engine.step import TrainStep
 
 ARMS = ("sampled", "focal_sigmoid", "focal_softmax")
 
@@ -99,22 +100,12 @@ def arm_overrides(arm: str, args) -> list[str]:
     return overrides
 
 
-def train_step(model, optimizer, images, targets, device: torch.device, amp_dtype) -> None:
-    """One trainer iteration on a batch already on ``device``: autocast forward, loss sum, finiteness check
-    (a host sync, as the trainer's), zero_grad, backward, SGD step."""
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        losses = model(images, targets)
-    loss = sum(losses.values())
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"non-finite loss {losses}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def make_step(model, optimizer, images, targets, device, amp_dtype):
+    """One trainer iteration (``TrainStep``) on a batch already on ``device``, as a no-argument callable."""
+    train_step = TrainStep(model=model, optimizer=optimizer, device=device, amp_dtype=amp_dtype)
+
     def step() -> None:
-        train_step(model, optimizer, images, targets, device, amp_dtype)
+        train_step(images, targets)
 
     return step
 

@@ -2,8 +2,10 @@
 
 A checkpoint holds ``model``, ``optimizer``, ``scheduler``, ``scaler`` state dicts, ``iteration``
 (the number of finished iterations), ``skipped_steps`` (those of them whose step was skipped: ``nonfinite=skip``),
-``rng`` (torch CPU / CUDA and Python states), ``history`` (the logged scalars so far) and ``config`` (the
-resolved run config as plain containers, used to explain a mismatch).
+``rng`` (torch CPU / CUDA and Python states), ``history`` (the logged scalars so far), ``config`` (the
+resolved run config as plain containers, used to explain a mismatch), ``meta`` (the classes) and ``hooks``
+(``{name: state}`` of the training hooks that have state, e.g. ``ema``; absent in checkpoints written before
+hooks existed, which resume without it).
 """
 
 import json
