@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/fl-rpn-train $(ARGS)
 
 test: setup
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q -n auto $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

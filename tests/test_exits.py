@@ -302,8 +302,11 @@ def test_ctrl_c_during_training_exits_130(tmp_path):
     env = {**os.environ, "FL_RPN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     overrides = [*FAST, "num_workers=2", "schedule.max_iters=1000", f"hydra.run.dir={tmp_path / 'run'}"]
+    # SIGINT back to its default in the child: a pytest started in the background (or by some runners) passes
+    # it on ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "fl_rpn.train", *overrides], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         while "train:" not in (line := proc.stderr.readline()) or "2/1000" not in line:
             assert line or proc.poll() is None, "exited early"
