@@ -369,3 +369,17 @@ def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tm
     hex_colour = PALETTE[int(first.labels[0]) - 1]
     colour = [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
     assert left[:, (y1 + y2) // 2, x1].tolist() == colour  # the ground-truth box in its class colour
+
+
+def test_the_learning_curve_holds_every_evaluation_across_a_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+    curve_run = [*TINY, "eval.evaluators=[proposal_recall]", "schedule.eval_every=1", f"output_dir={tmp_path}"]
+    train(compose_config([*curve_run, "schedule.max_iters=2"]))
+    (tmp_path / "eval_history.json").unlink()  # the checkpoint's copy of the curve is what a resume continues
+    metrics = train(compose_config([*curve_run, "schedule.max_iters=4", "resume=true"]))
+    curve = json.loads((tmp_path / "eval_history.json").read_text())
+    assert [e["iteration"] for e in curve] == [1, 2, 3, 4]
+    assert curve[-1]["proposal/AR@100"] == metrics["proposal/AR@100"]
+    assert load_checkpoint(tmp_path / "last.pt")["hooks"]["evaluation"]["curve"][:2] == curve[:2]
+    logged, _ = scalars(tmp_path / "tb", "proposal/AR@100")
+    assert logged == pytest.approx({e["iteration"]: e["proposal/AR@100"] for e in curve})

@@ -164,8 +164,9 @@ class MetricsLogger(HookBase):
 
 
 class Checkpointer(HookBase):
-    """``last.pt`` every ``checkpoint_every`` iterations, on a stop request and at the end (written atomically by
-    ``save_checkpoint``, which also removes the temporary files of killed writers), and ``history.json`` with it.
+    """``last.pt`` every ``checkpoint_every`` iterations, on a stop request, at the last iteration and after the
+    final evaluation (written atomically by ``save_checkpoint``, which also removes the temporary files of killed
+    writers), and ``history.json`` with it.
 
     Besides the model, optimizer, scheduler and scaler it holds the iteration, the skipped steps, every rank's
     RNG state, the history, the resolved config, the classes and ``hooks`` (each hook's ``state_dict``).
@@ -176,11 +177,15 @@ class Checkpointer(HookBase):
         self.scaler = scaler
 
     def after_step(self, state: TrainState) -> None:
-        if state.iteration % self.checkpoint_every == 0 or state.output.stop:
+        # the last iteration is saved here, before the final evaluation (``Evaluation.after_train``) can fail ...
+        last = state.iteration >= state.cfg.schedule.max_iters
+        if state.iteration % self.checkpoint_every == 0 or state.output.stop or last:
             self.save(state)
 
     def after_train(self, state: TrainState) -> None:
-        if state.iteration > state.start_iter and state.iteration % self.checkpoint_every != 0:
+        # ... and again after it, so that a run resumed with a longer schedule keeps the final evaluation in its
+        # learning curve (the hooks' state)
+        if state.iteration > state.start_iter:
             self.save(state)
 
     def save(self, state: TrainState) -> None:
@@ -208,15 +213,34 @@ class Checkpointer(HookBase):
 
 
 class Evaluation(HookBase):
-    """Evaluation every ``eval_every`` iterations (TensorBoard only) and at the end: the final metrics with a
-    ``train/...`` summary go to ``state.result`` and ``metrics.json`` (rank 0).
+    """Evaluation every ``eval_every`` iterations and at the end. Every evaluation's metrics go to TensorBoard
+    and, as ``{"iteration": i, **metrics}``, to the learning curve ``eval_history.json`` (rank 0; kept in the
+    checkpoint, so a resumed run's curve is whole). The final metrics with a ``train/...`` summary go to
+    ``state.result`` and ``metrics.json`` (rank 0).
 
     ``evaluate(model) -> metrics`` runs the configured evaluators on the val split. With ``ema`` (an ``EMA``
     hook) the averaged weights are evaluated too, their metrics prefixed ``ema/``.
     """
 
+    name = "evaluation"
+
     def __init__(self, *, evaluate, eval_every: int, logger: MetricsLogger, ema=None) -> None:
         self.evaluate, self.eval_every, self.logger, self.ema = evaluate, eval_every, logger, ema
+        self.curve: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": self.curve} if self.curve else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curve = list(state.get("curve", []))
+
+    def _record(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.logger.add_scalars(metrics, state.iteration)
+        if metrics and state.dist_info.is_main:  # no evaluators (eval.evaluators=[]): no curve
+            # a resumed run re-evaluates the iterations after its checkpoint: those entries are replaced
+            self.curve = [e for e in self.curve if e["iteration"] < state.iteration]
+            self.curve.append({"iteration": state.iteration, **metrics})
+            write_json(state.output_dir / "eval_history.json", self.curve)
 
     def _metrics(self, state: TrainState) -> dict[str, float]:
         metrics = self.evaluate(state.model)
@@ -234,7 +258,7 @@ class Evaluation(HookBase):
             or iteration >= state.cfg.schedule.max_iters
         ):
             return
-        self.logger.add_scalars(self._metrics(state), iteration)
+        self._record(state, self._metrics(state))
 
     def after_train(self, state: TrainState) -> None:
         t_eval = time.perf_counter()
@@ -257,7 +281,7 @@ class Evaluation(HookBase):
             }
         )
         result = {**metrics, **summary}
-        self.logger.add_scalars(metrics, state.iteration)
+        self._record(state, metrics)
         world_size = state.dist_info.world_size
         write_json(state.output_dir / "metrics.json", {**result, "provenance": provenance(state.cfg, world_size)})
         write_json(state.output_dir / "history.json", state.history)

@@ -215,7 +215,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     evaluation = Evaluation(evaluate=lambda m: run_evaluation(cfg, m, val_set, device, dist_info),
                             eval_every=schedule.eval_every, logger=logger, ema=ema)  # fmt: skip
     checkpointer = Checkpointer(checkpoint_every=schedule.checkpoint_every, scaler=scaler)
-    state.hooks = [preemption, *([ema] if ema else []), logger, checkpointer, evaluation]
+    # evaluation before the checkpoint: a checkpoint holds its iteration's evaluation and the RNG state after it
+    state.hooks = [preemption, *([ema] if ema else []), logger, evaluation, checkpointer]
     for hook in state.hooks:
         if hook.name in ckpt.get("hooks", {}):
             hook.load_state_dict(ckpt["hooks"][hook.name])
