@@ -6,7 +6,9 @@ standard deviation and n over seeds; per non-baseline arm: the paired difference
 (same seed, same values of the other swept keys) with a 95 % Student-t interval across seeds, and its power:
 the sd of the differences, the minimal detectable difference (80 % power, 5 % two-sided, noncentral t) for
 the number of seeds run, and the seeds needed to detect an effect of ``--effect`` points (the paper's 0.4). The
-imbalance diagnostics (``rpn/...`` in ``history.json``) are averaged over each run's logged steps first.
+imbalance diagnostics (``rpn/...`` in ``history.json``) are averaged over each run's logged steps first; the
+stability and gradient-conflict diagnostics (``stability/...``, ``conflict/...``), when logged, are combined over
+them as :data:`STABILITY` says.
 
 Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
 jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started. Two finished
@@ -35,6 +37,14 @@ DIAGNOSTICS = (
     "rpn/positive_anchors_per_image", "rpn/negative_anchors_per_image", "rpn/trained_anchors_per_image",
     "rpn/focal_normalizer", "rpn/easy_negative_loss_share",
 )  # fmt: skip
+# the stability and gradient-conflict diagnostics (fl_rpn/engine/stability.py), when a run logged them, and how a
+# run's logging windows are combined: spikes summed (the run's count), the largest spike the maximum, others the mean
+_MEAN, _SUM, _MAX = statistics.fmean, math.fsum, max
+STABILITY = {
+    **{f"stability/{t}_{name}": how for t in ("box", "obj")
+       for name, how in (("cv", _MEAN), ("spikes", _SUM), ("max_spike", _MAX))},
+    **{f"conflict/{group}{name}": _MEAN for group in ("", "backbone_", "head_") for name in ("cosine", "norm_ratio")},
+}  # fmt: skip
 EASY_SHARE = "rpn/easy_negative_loss_share"
 RECALL_KEYS = ("proposal/AR@100", "proposal/AR@300", "proposal/AR@1000")
 
@@ -179,12 +189,13 @@ def arm_of(run: Run, arm_keys: list[str]) -> str:
 
 
 def run_values(run: Run, metrics: list[str]) -> dict[str, float]:
-    """A finished run's numbers: its finite ``metrics`` and each diagnostic averaged over its logged steps."""
+    """A finished run's numbers: its finite ``metrics``, each diagnostic averaged over its logged steps and each of
+    :data:`STABILITY` combined over them."""
     values = {m: float(run.metrics[m]) for m in metrics if _finite(run.metrics.get(m))}
-    for key in DIAGNOSTICS:
+    for key, combine in {**dict.fromkeys(DIAGNOSTICS, statistics.fmean), **STABILITY}.items():
         steps = [h[key] for h in run.history if _finite(h.get(key))]
         if steps:
-            values[key] = statistics.fmean(steps)
+            values[key] = combine(steps)
     return values
 
 
@@ -279,7 +290,7 @@ def summarize_runs(runs: list[Run], metrics: list[str], baseline: str, effect: f
                          "and pair arbitrarily. Leave all but one of each out of the folders given:\n"
                          + "\n".join(repeated))  # fmt: skip
     values = {r.path: run_values(r, metrics) for r in finished}
-    names = [*metrics, *DIAGNOSTICS]
+    names = [*metrics, *DIAGNOSTICS, *STABILITY]
     arms: dict[str, list[Run]] = {arm: [] for arm in sorted({arm_of(r, arm_keys) for r in runs})}
     for r in finished:
         arms[arm_of(r, arm_keys)].append(r)
@@ -448,6 +459,15 @@ def markdown(
         if "imbalance.png" in plots:
             lines += ["", "imbalance.png: easy-negative share of the objectness loss vs iteration, mean over seeds."]
 
+    stability = [k for k in STABILITY if any(k in row for row in table.values())]
+    if stability:
+        lines += ["", "## Stability and gradient conflict", "",
+                  "Per run: the coefficients of variation (per logging window), cosines and norm ratios averaged over "
+                  "its logged windows, the spikes (a step above k × the median of the steps before it) summed and "
+                  "the largest spike (its loss over that median) the maximum; then mean ± sd (n) over seeds.",
+                  ""]  # fmt: skip
+        lines += _md_table(stability, {arm: _row_cells(row, stability) for arm, row in table.items()})
+
     incomplete = [r for r in runs if r.metrics is None]
     started = [r for r in incomplete if not r.status.startswith("not started")]
     never = len(incomplete) - len(started)
@@ -514,19 +534,20 @@ def power_lines(summary: dict, metrics: list[str]) -> list[str]:
 
 
 def write_csv(path: Path, runs: list[Run], metrics: list[str], values: dict | None = None) -> None:
-    """One row per run: overrides, ``metrics``, the diagnostics' means over logged steps, provenance."""
+    """One row per run: overrides, ``metrics``, the diagnostics' means over logged steps, the stability diagnostics
+    combined over them (:data:`STABILITY`), provenance."""
     keys = sorted({k for r in runs for k in r.overrides})
     values = values or {}
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "status", *keys, *metrics, *(f"mean {k}" for k in DIAGNOSTICS),
+        w.writerow(["run", "status", *keys, *metrics, *(f"mean {k}" for k in DIAGNOSTICS), *STABILITY,
                     "commit", "hardware", "world_size"])  # fmt: skip
         for r in runs:
             got = values.get(r.path, {})
             prov = (r.metrics or {}).get("provenance") or {}
             w.writerow([r.path.name, r.status, *(r.overrides.get(k, "") for k in keys),
                         *(r.metrics.get(m, "") if r.metrics else "" for m in metrics),
-                        *(got.get(k, "") for k in DIAGNOSTICS),
+                        *(got.get(k, "") for k in (*DIAGNOSTICS, *STABILITY)),
                         *(prov.get(k, "") for k in ("commit", "hardware", "world_size"))])  # fmt: skip
 
 

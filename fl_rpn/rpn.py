@@ -331,6 +331,8 @@ def use_focal_rpn(
     score_thresh: float = 0.0,
     box_normalizer: str = "positives",
     batch_size_per_image: int = 256,
+    head: str = "shared",
+    head_options: dict | None = None,
 ) -> GeneralizedRCNN:
     """Replace ``model.rpn`` of any torchvision ``GeneralizedRCNN`` (Faster / Mask / Keypoint R-CNN) in place.
 
@@ -343,8 +345,11 @@ def use_focal_rpn(
     0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01): kept, 0.05 would leave no
     proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses
     ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
-    is logged. ``box_normalizer`` and ``batch_size_per_image``: see ``FocalLossRPN``.
+    is logged. ``box_normalizer`` and ``batch_size_per_image``: see ``FocalLossRPN``. ``head`` (``shared``,
+    ``decoupled``, ``shared_matched``) with ``head_options``: ``fl_rpn.rpn_heads.replace_rpn_head``; the default
+    ``shared`` without options keeps the head as described above.
     """
+    head_kind = head  # ``head`` names the new head below
     old = model.rpn
     if form not in FORMS:
         raise ValueError(f"rpn form must be one of {sorted(FORMS)}, got {form!r}")
@@ -379,5 +384,9 @@ def use_focal_rpn(
         box_normalizer=box_normalizer,
         batch_size_per_image=batch_size_per_image,
     )
+    if head_kind != "shared" or head_options:
+        from .rpn_heads import replace_rpn_head  # rpn_heads imports this module
+
+        replace_rpn_head(model, head_kind, form, prior_prob, **(head_options or {}))
     model.rpn.train(old.training)
     return model

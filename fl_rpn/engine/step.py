@@ -59,6 +59,8 @@ class TrainStep:
         stop_requested: called after the forward pass; True when this rank is asked to stop (SIGTERM). The ranks
             agree on it in the same all_reduce as on the finiteness of the loss.
         dist_info: this process's rank and world size.
+        before_backward: called as ``before_backward(losses, iteration)`` with the loss terms (their graph still
+            alive) when the loss is finite, before the backward pass (e.g. a gradient probe); None: nothing.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class TrainStep:
         checkpoint_path: Path | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
         dist_info: DistInfo = SINGLE_PROCESS,
+        before_backward: Callable[[dict[str, Tensor], int], None] | None = None,
     ) -> None:
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
@@ -89,6 +92,7 @@ class TrainStep:
         self.checkpoint_path = checkpoint_path
         self.stop_requested = stop_requested
         self.dist_info = dist_info
+        self.before_backward = before_backward
         self.skipped_steps = 0  # in the whole run (the trainer restores it on resume)
         self.consecutive_skips = 0
 
@@ -104,6 +108,8 @@ class TrainStep:
             self._skip_or_raise(loss, losses, iteration)
         else:
             self.consecutive_skips = 0
+            if self.before_backward is not None:
+                self.before_backward(losses, iteration)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.clip_grad_norm is not None:
