@@ -13,7 +13,7 @@ from .engine.checkpoint import model_from_checkpoint
 from .engine.distributed import DistInfo
 from .engine.trainer import run_evaluation, select_device
 from .errors import report_errors
-from .evaluation import summarize
+from .evaluation import summarize, without_per_class
 from .provenance import provenance, trained_with
 
 
@@ -35,7 +35,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
-    print(summarize({k: v for k, v in metrics.items() if "/AP/" not in k}))
+    print(summarize(without_per_class(metrics)))
     return metrics
 
 

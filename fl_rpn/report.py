@@ -29,9 +29,11 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_METRICS = (
-    "bbox/AP", "bbox/AP50", "voc07/mAP", "proposal/AR@100", "proposal/AR@300", "proposal/AR@1000",
-)  # fmt: skip
+from .evaluation import headline_metrics, metric_spec
+from .evaluation.recall import AR
+
+# what the evaluators declare (fl_rpn/evaluation/registry.py): their headline metrics, in the table's order
+DEFAULT_METRICS = tuple(headline_metrics())
 # the imbalance diagnostics each run logs (fl_rpn/diagnostics.py); the focal normaliser only for FL-RPN
 DIAGNOSTICS = (
     "rpn/positive_anchors_per_image", "rpn/negative_anchors_per_image", "rpn/trained_anchors_per_image",
@@ -46,7 +48,6 @@ STABILITY = {
     **{f"conflict/{group}{name}": _MEAN for group in ("", "backbone_", "head_") for name in ("cosine", "norm_ratio")},
 }  # fmt: skip
 EASY_SHARE = "rpn/easy_negative_loss_share"
-RECALL_KEYS = ("proposal/AR@100", "proposal/AR@300", "proposal/AR@1000")
 
 
 def t_central_probability(t: float, df: int) -> float:
@@ -328,7 +329,7 @@ def summarize_runs(runs: list[Run], metrics: list[str], baseline: str, effect: f
                         pairs.append(values[r.path][m] - values[b.path][m])
                 if pairs:
                     row[m] = paired_interval(pairs)
-                    if _is_fraction(m) and not m.endswith("share"):
+                    if _is_score(m):
                         power_row[m] = paired_power(pairs, effect)
             diffs[arm], power[arm] = row, power_row
     return {"swept": keys, "arm_keys": arm_keys, "arms": arms, "table": table, "diffs": diffs, "notes": notes,
@@ -354,8 +355,21 @@ def _signed(x: float) -> str:
     return f"{100 * x:+.2f}" if math.isfinite(x) else "nan"
 
 
+def _is_score(metric: str) -> bool:
+    """An evaluator's metric that is a fraction (AP, AR, mAP), as the evaluators declare it."""
+    spec = metric_spec(metric)
+    return spec is not None and spec.unit == "fraction"
+
+
 def _is_fraction(metric: str) -> bool:
-    return metric.startswith(("bbox/", "proposal/", "voc07/")) or metric.endswith("share")
+    """Shown in percent: an evaluator's fraction or a diagnostic share."""
+    return _is_score(metric) or metric.endswith("share")
+
+
+def recall_curve(metrics: list[str]) -> list[tuple[int, str]]:
+    """``(k, key)`` of the ``proposal/AR@k`` keys among ``metrics``, by k: the points of proposal_recall.png."""
+    points = [(AR.match(m), m) for m in metrics]
+    return sorted((int(found["k"]), m) for found, m in points if found is not None and found["k"].isdigit())
 
 
 def _counted(values: list) -> str:
@@ -438,7 +452,7 @@ def markdown(
     lines += summary["notes"]
     if summary["diffs"]:
         lines += ["Same seed (and same other swept values), mean [95 % Student-t interval] (pairs), in percent:", ""]
-        diff_metrics = [m for m in shown if m.startswith(("bbox/", "proposal/", "voc07/"))]
+        diff_metrics = [m for m in shown if _is_score(m)]
         cells = {
             arm: [f"{_signed(row[m][0])} [{_signed(row[m][1])}, {_signed(row[m][2])}] ({row[m][3]})" if m in row
                   else "-" for m in diff_metrics]
@@ -613,7 +627,7 @@ def loss_curve_panels(summary: dict) -> dict[str, dict[str, tuple[list[int], lis
 def too_short_to_rank(summary: dict, metrics: list[str], threshold: float = 0.01) -> str | None:
     """A warning when every arm's mean of every fraction metric (AP, AR, mAP) is below ``threshold``: runs far
     too short to rank the arms, whose differences are noise around zero."""
-    metrics = [m for m in metrics if m.startswith(("bbox/", "proposal/", "voc07/"))]
+    metrics = [m for m in metrics if _is_score(m)]
     means = [row[m][0] for row in summary["table"].values() for m in metrics if m in row]
     if not means or max(means) >= threshold:
         return None
@@ -695,14 +709,15 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         save(fig, "imbalance.png")
 
-    if any(k in summary["table"][a] for a in arms for k in RECALL_KEYS):
+    curve = recall_curve(metrics)
+    if any(key in summary["table"][a] for a in arms for _, key in curve):
         fig, ax = plt.subplots(figsize=(5, 4))
         for arm in arms:
             row = summary["table"][arm]
-            ks = [k for k in RECALL_KEYS if k in row]
-            ax.errorbar([int(k.split("@")[1]) for k in ks], [100 * row[k][0] for k in ks],
-                        yerr=[0 if math.isnan(row[k][1]) else 100 * row[k][1] for k in ks], marker="o", label=arm,
-                        capsize=3)  # fmt: skip
+            points = [(k, key) for k, key in curve if key in row]
+            ax.errorbar([k for k, _ in points], [100 * row[key][0] for _, key in points],
+                        yerr=[0 if math.isnan(row[key][1]) else 100 * row[key][1] for _, key in points], marker="o",
+                        label=arm, capsize=3)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("proposals per image")
         ax.set_ylabel("AR@IoU 0.5:0.95 (%), mean ± 1 sd over seeds")

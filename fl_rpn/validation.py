@@ -116,16 +116,9 @@ def _validate_model(cfg: DictConfig) -> None:
 
 def _validate_eval(e: DictConfig) -> None:
     """The evaluators run after training: a typo here must fail now, not hours later."""
-    from .evaluation import EVALUATORS
-    from .evaluation.coco import BACKENDS, _load_backend
+    from .evaluation import check_evaluators, evaluator_options
 
-    names = list(e.evaluators)
-    unknown = [n for n in names if n not in EVALUATORS]
-    _check(not unknown, "eval.evaluators", names, f"unknown {unknown}; choose from {list(EVALUATORS)}")
-    _check(e.coco_backend in BACKENDS, "eval.coco_backend", e.coco_backend, f"must be one of {list(BACKENDS)}")
-    if "coco" in names:
-        try:
-            _load_backend(e.coco_backend)
-        except ImportError as err:
-            raise ValueError(f"config key eval.coco_backend={e.coco_backend!r}: {err}") from err
+    _check(isinstance(e.evaluators, ListConfig | list), "eval.evaluators", e.evaluators,
+           "must be a list of evaluator names, e.g. [coco,proposal_recall]")  # fmt: skip
+    check_evaluators(list(e.evaluators), evaluator_options(e))
     _check_int("eval.batch_size", e.batch_size, 1)

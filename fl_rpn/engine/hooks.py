@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from tqdm import tqdm
 
-from ..evaluation import summarize
+from ..evaluation import summarize, without_per_class
 from ..provenance import provenance
 from .checkpoint import rng_state, save_checkpoint, write_json
 from .distributed import DistInfo, all_reduce_mean, barrier
@@ -285,5 +285,5 @@ class Evaluation(HookBase):
         world_size = state.dist_info.world_size
         write_json(state.output_dir / "metrics.json", {**result, "provenance": provenance(state.cfg, world_size)})
         write_json(state.output_dir / "history.json", state.history)
-        log.info("final metrics:\n%s", summarize({k: v for k, v in result.items() if "/AP/" not in k}))
+        log.info("final metrics:\n%s", summarize(without_per_class(result)))
         state.result = result

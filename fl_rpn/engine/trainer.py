@@ -23,7 +23,7 @@ from ..data.build import shutdown_workers
 from ..data.check import drop_bad_images
 from ..diagnostics import attach_anchor_diagnostics
 from ..errors import NonFiniteLossError  # noqa: F401  (raised by the step; imported from here)
-from ..evaluation import build_evaluators
+from ..evaluation import build_evaluators, evaluator_options
 from ..model import apply_speed_options, build_model
 from ..validation import validate_config
 from .checkpoint import check_resume_config, load_checkpoint, load_model_state, set_rng_state
@@ -47,13 +47,11 @@ def select_device(name: str) -> torch.device:
 
 
 def run_evaluation(cfg: DictConfig, model, val_set, device, dist_info: DistInfo) -> dict[str, float]:
-    """The configured evaluators (``cfg.eval``) over ``val_set``; the metrics on rank 0, ``{}`` on other ranks."""
+    """The configured evaluators (``cfg.eval.evaluators``, each with its options ``cfg.eval.<name>``) over
+    ``val_set``; the metrics on rank 0, ``{}`` on other ranks."""
     from ..data import build_loader
 
-    evaluators = build_evaluators(
-        list(cfg.eval.evaluators), val_set.meta, backend=cfg.eval.coco_backend,
-        use_07_metric=cfg.eval.voc07_use_07_metric,
-    )  # fmt: skip
+    evaluators = build_evaluators(list(cfg.eval.evaluators), val_set.meta, evaluator_options(cfg.eval))
     loader = build_loader(
         val_set, cfg.eval.batch_size, cfg.num_workers, train=False, seed=cfg.seed, group_aspect_ratio=False,
         distributed=dist_info.enabled, pin_memory=device.type == "cuda",

@@ -6,45 +6,28 @@ Each is a plain object: ``reset()``, ``update(targets, outputs)`` once per batch
 the original image), ``labels`` [M] (1..K), ``ignore`` [M] (crowd / difficult), optionally ``area``
 [M], ``image_id`` and ``orig_size`` (h, w); ``outputs[i]`` holds the detections ``boxes`` [D, 4],
 ``scores`` [D], ``labels`` [D] and, for proposal recall, ``proposals`` [P, 4] (best first).
+
+Which evaluators exist, their options (``eval.<name>``) and their declared metrics: ``fl_rpn.evaluation.registry``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
-from fl_rpn.evaluation.base import Evaluator
+from fl_rpn.evaluation.base import Evaluator, MetricSpec, OptionError
 from fl_rpn.evaluation.coco import CocoEvaluator
 from fl_rpn.evaluation.recall import ProposalRecall
+from fl_rpn.evaluation.registry import (
+    EVALUATORS,
+    build_evaluators,
+    check_evaluators,
+    evaluator_options,
+    headline_metrics,
+    metric_spec,
+    without_per_class,
+)
 from fl_rpn.evaluation.voc import VOC07Evaluator
-
-EVALUATORS = ("coco", "proposal_recall", "voc07")
-
-
-def build_evaluators(
-    names: Sequence[str],
-    meta: Any,
-    *,
-    backend: str = "faster_coco_eval",
-    max_proposals: Sequence[int] = (100, 300, 1000),
-    use_07_metric: bool = True,
-) -> list[Evaluator]:
-    """One evaluator per name in ``names`` (from ``EVALUATORS``), in that order.
-
-    ``meta`` has ``class_names`` and ``category_ids`` (one per label 1..K, e.g. a ``DatasetMeta``);
-    ``backend`` goes to the COCO evaluator, ``max_proposals`` to proposal recall and
-    ``use_07_metric`` to VOC.
-    """
-    options = {
-        "coco": lambda: CocoEvaluator(list(meta.category_ids), list(meta.class_names), backend=backend),
-        "proposal_recall": lambda: ProposalRecall(max_proposals),
-        "voc07": lambda: VOC07Evaluator(list(meta.class_names), use_07_metric=use_07_metric),
-    }
-    unknown = [n for n in names if n not in options]
-    if unknown:
-        raise ValueError(f"Unknown evaluator(s) {unknown}; choose from {list(EVALUATORS)}.")
-    return [options[n]() for n in names]
 
 
 def summarize(metrics: dict[str, Any]) -> str:
@@ -68,8 +51,15 @@ __all__ = [
     "EVALUATORS",
     "CocoEvaluator",
     "Evaluator",
+    "MetricSpec",
+    "OptionError",
     "ProposalRecall",
     "VOC07Evaluator",
     "build_evaluators",
+    "check_evaluators",
+    "evaluator_options",
+    "headline_metrics",
+    "metric_spec",
     "summarize",
+    "without_per_class",
 ]

@@ -14,20 +14,78 @@ twice (a ``DistributedSampler`` pads the last batch with repeats) count once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
 
-class Evaluator:
-    """Base class: accumulates per-image records; subclasses define ``_record`` and ``compute``."""
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric, or one family of metrics, that an evaluator's ``compute()`` returns.
 
+    Args:
+        name: the key, with ``{placeholder}`` for a part that varies: ``"bbox/AP"``, ``"proposal/AR@{k}"``,
+            ``"voc07/AP/{class_name}"``.
+        unit: ``"fraction"`` (a value in [0, 1], reported in percent) or another, e.g. ``"count"`` (reported as is).
+        higher_is_better: the direction in which the metric improves.
+        per_class: one key per class of the dataset (left out of the printed summaries).
+    """
+
+    name: str
+    unit: str = "fraction"
+    higher_is_better: bool = True
+    per_class: bool = False
+
+    def key(self, **values: Any) -> str:
+        """The key for the placeholders' ``values``: ``AR.key(k=100) == "proposal/AR@100"``."""
+        return self.name.format(**values)
+
+    def match(self, key: str) -> dict[str, str] | None:
+        """The placeholders' values if ``key`` is one of these metrics, else None."""
+        found = _pattern(self.name).fullmatch(key)
+        return None if found is None else found.groupdict()
+
+
+def _pattern(name: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", name)  # literal, placeholder, literal, ...
+    body = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+)" for i, p in enumerate(parts))
+    return re.compile(body)
+
+
+class OptionError(ValueError):
+    """An evaluator option (a keyword argument of its constructor) with a value it refuses.
+
+    ``key`` names the option, so that the config check can report it as ``eval.<evaluator>.<key>``.
+    """
+
+    def __init__(self, key: str, value: Any, requirement: str) -> None:
+        super().__init__(f"{key}={value!r}: {requirement}")
+        self.key, self.value, self.requirement = key, value, requirement
+
+
+class Evaluator:
+    """Base class: accumulates per-image records; subclasses define ``_record`` and ``compute``.
+
+    Subclasses take their options as keyword-only constructor arguments (the keys of their config node
+    ``eval.<name>``), build from a dataset's label space with ``from_meta``, and declare the metrics that
+    ``compute`` returns in ``metric_specs``; ``headline`` lists the keys a report shows by default.
+    """
+
+    metric_specs: ClassVar[tuple[MetricSpec, ...]] = ()
+    headline: ClassVar[tuple[str, ...]] = ()
     records: list[dict[str, Any]]
 
     def __init__(self) -> None:
         self.reset()
+
+    @classmethod
+    def from_meta(cls, meta: Any, **options: Any) -> Evaluator:
+        """An evaluator for the label space ``meta`` (``class_names``, ``category_ids``: one per label 1..K)."""
+        return cls(**options)
 
     def reset(self) -> None:
         """Forget everything accumulated so far."""

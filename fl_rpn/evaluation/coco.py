@@ -24,7 +24,15 @@ from typing import Any
 import torch
 from torchvision.ops import box_area
 
-from fl_rpn.evaluation.base import Evaluator, as_vector, detections, ground_truth, image_id_of
+from fl_rpn.evaluation.base import (
+    Evaluator,
+    MetricSpec,
+    OptionError,
+    as_vector,
+    detections,
+    ground_truth,
+    image_id_of,
+)
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
 BACKENDS = ("pycocotools", "faster_coco_eval")
@@ -43,7 +51,7 @@ def _load_backend(backend: str) -> tuple[type, type]:
         except ImportError as e:
             raise ImportError(
                 "backend='faster_coco_eval' needs the faster-coco-eval package: "
-                "pip install faster-coco-eval (a dependency of fl-rpn), or set eval.coco_backend=pycocotools."
+                "pip install faster-coco-eval (a dependency of fl-rpn), or set eval.coco.backend=pycocotools."
             ) from e
         return COCO, COCOeval_faster
     raise ValueError(f"Unknown COCO evaluation backend {backend!r}; choose one of {BACKENDS}.")
@@ -56,29 +64,44 @@ class CocoEvaluator(Evaluator):
         category_ids: the dataset's category id for each label ``1..K`` (COCO ids have gaps).
         class_names: the name of each label ``1..K``.
         backend: ``"faster_coco_eval"`` (default; same numbers, several times faster) or ``"pycocotools"``
-            (the reference implementation).
-        verbose: let the backend print its usual summary table.
+            (the reference implementation); ``eval.coco.backend``.
+        verbose: let the backend print its usual summary table; ``eval.coco.verbose``.
 
     ``update`` reads from each target ``boxes`` [M, 4], ``labels`` [M], ``image_id`` and optionally
     ``ignore`` [M], ``area`` [M], ``orig_size`` (h, w); from each output ``boxes`` [D, 4],
     ``scores`` [D], ``labels`` [D]. COCO keeps at most 100 detections per image (highest scores).
     """
 
+    metric_specs = tuple(MetricSpec(f"bbox/{m}") for m in METRICS)
+    headline = ("bbox/AP", "bbox/AP50")
+
     def __init__(
         self,
         category_ids: list[int],
         class_names: list[str],
+        *,
         backend: str = "faster_coco_eval",
         verbose: bool = False,
     ) -> None:
         if len(category_ids) != len(class_names):
             raise ValueError(f"{len(category_ids)} category ids but {len(class_names)} class names.")
+        if backend not in BACKENDS:
+            raise OptionError("backend", backend, f"must be one of {list(BACKENDS)}")
+        if not isinstance(verbose, bool):
+            raise OptionError("verbose", verbose, "must be true or false")
+        try:
+            _load_backend(backend)  # fail at construction, not after a whole evaluation pass
+        except ImportError as err:
+            raise OptionError("backend", backend, str(err)) from err
         self.category_ids = [int(c) for c in category_ids]
         self.class_names = list(class_names)
         self.backend = backend
         self.verbose = verbose
-        _load_backend(backend)  # fail at construction, not after a whole evaluation pass
         super().__init__()
+
+    @classmethod
+    def from_meta(cls, meta: Any, **options: Any) -> CocoEvaluator:
+        return cls(list(meta.category_ids), list(meta.class_names), **options)
 
     def _record(self, target: dict, output: dict) -> dict[str, Any]:
         image_id = image_id_of(target)

@@ -23,9 +23,12 @@ from typing import Any
 import torch
 from torchvision.ops import box_iou
 
-from fl_rpn.evaluation.base import Evaluator, as_boxes, ground_truth, image_id_of
+from fl_rpn.evaluation.base import Evaluator, MetricSpec, OptionError, as_boxes, ground_truth, image_id_of
 
 IOU_THRESHOLDS = torch.tensor([round(0.5 + 0.05 * i, 2) for i in range(10)], dtype=torch.float64)
+MAX_PROPOSALS = (100, 300, 1000)
+AR = MetricSpec("proposal/AR@{k}")  # recall averaged over IoU 0.5:0.95, top-k proposals per image
+R50 = MetricSpec("proposal/R50@{k}")  # recall at IoU 0.5
 
 
 def matched_overlaps(proposals: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
@@ -49,7 +52,8 @@ class ProposalRecall(Evaluator):
     """``proposal/AR@k`` (AR over IoU 0.5:0.95) and ``proposal/R50@k`` (recall at IoU 0.5).
 
     Args:
-        max_proposals: the k values; the top-k proposals of each image are scored.
+        max_proposals: the k values; the top-k proposals of each image are scored
+            (``eval.proposal_recall.max_proposals``).
 
     ``update`` reads from each target ``boxes`` [M, 4] and optionally ``ignore`` [M] (ignored boxes
     are left out), from each output ``proposals`` [P, 4], sorted by objectness, best first.
@@ -57,8 +61,14 @@ class ProposalRecall(Evaluator):
     values are ``nan``. Values are fractions in [0, 1].
     """
 
-    def __init__(self, max_proposals: Sequence[int] = (100, 300, 1000)) -> None:
-        self.max_proposals = tuple(int(k) for k in max_proposals)
+    metric_specs = (AR, R50)
+    headline = tuple(AR.key(k=k) for k in MAX_PROPOSALS)
+
+    def __init__(self, *, max_proposals: Sequence[int] = MAX_PROPOSALS) -> None:
+        ok = isinstance(max_proposals, Sequence) and not isinstance(max_proposals, str) and len(max_proposals) > 0
+        if not (ok and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in max_proposals)):
+            raise OptionError("max_proposals", max_proposals, "must be a non-empty list of integers >= 1")
+        self.max_proposals = tuple(max_proposals)
         super().__init__()
 
     def _record(self, target: dict, output: dict) -> dict[str, Any]:
@@ -83,6 +93,6 @@ class ProposalRecall(Evaluator):
                 recalls[k] = torch.full_like(IOU_THRESHOLDS, math.nan)
             else:
                 recalls[k] = (overlaps[:, None] >= IOU_THRESHOLDS[None, :]).double().mean(dim=0)
-        metrics = {f"proposal/AR@{k}": float(r.mean()) for k, r in recalls.items()}
-        metrics.update({f"proposal/R50@{k}": float(r[0]) for k, r in recalls.items()})
+        metrics = {AR.key(k=k): float(r.mean()) for k, r in recalls.items()}
+        metrics.update({R50.key(k=k): float(r[0]) for k, r in recalls.items()})
         return metrics

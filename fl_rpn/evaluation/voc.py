@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from fl_rpn.evaluation.base import Evaluator, detections, ground_truth, image_id_of
+from fl_rpn.evaluation.base import Evaluator, MetricSpec, OptionError, detections, ground_truth, image_id_of
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
@@ -53,19 +53,30 @@ class VOC07Evaluator(Evaluator):
 
     Args:
         class_names: the name of each label ``1..K``.
-        use_07_metric: 11-point AP (VOC2007) if True, area under the envelope if False.
-        iou_thresh: a detection is a hit if its IoU is strictly greater than this.
+        use_07_metric: 11-point AP (VOC2007) if True, area under the envelope if False; ``eval.voc07.use_07_metric``.
+        iou_thresh: a detection is a hit if its IoU is strictly greater than this; ``eval.voc07.iou_thresh``.
 
     ``update`` reads from each target ``boxes`` [M, 4], ``labels`` [M] and optionally ``ignore`` [M]
     (VOC ``difficult``), from each output ``boxes`` [D, 4], ``scores`` [D], ``labels`` [D]. The keys
     keep the ``voc07/`` prefix whichever AP rule is chosen.
     """
 
-    def __init__(self, class_names: list[str], use_07_metric: bool = True, iou_thresh: float = 0.5) -> None:
+    metric_specs = (MetricSpec("voc07/mAP"), MetricSpec("voc07/AP/{class_name}", per_class=True))
+    headline = ("voc07/mAP",)
+
+    def __init__(self, class_names: list[str], *, use_07_metric: bool = True, iou_thresh: float = 0.5) -> None:
+        if not isinstance(use_07_metric, bool):
+            raise OptionError("use_07_metric", use_07_metric, "must be true or false")
+        if isinstance(iou_thresh, bool) or not isinstance(iou_thresh, int | float) or not 0 <= iou_thresh < 1:
+            raise OptionError("iou_thresh", iou_thresh, "must be a number in [0, 1)")
         self.class_names = list(class_names)
         self.use_07_metric = use_07_metric
         self.iou_thresh = float(iou_thresh)
         super().__init__()
+
+    @classmethod
+    def from_meta(cls, meta: Any, **options: Any) -> VOC07Evaluator:
+        return cls(list(meta.class_names), **options)
 
     def _record(self, target: dict, output: dict) -> dict[str, Any]:
         boxes, labels, ignore = ground_truth(target)

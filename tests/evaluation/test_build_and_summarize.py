@@ -11,7 +11,7 @@ META = SimpleNamespace(class_names=["person", "car"], category_ids=[1, 3])
 
 
 def test_build_evaluators_in_order():
-    evs = build_evaluators(["voc07", "coco", "proposal_recall"], META, max_proposals=(50,))
+    evs = build_evaluators(["voc07", "coco", "proposal_recall"], META, {"proposal_recall": {"max_proposals": (50,)}})
     assert [type(e) for e in evs] == [VOC07Evaluator, CocoEvaluator, ProposalRecall]
     assert evs[1].category_ids == [1, 3] and evs[0].class_names == ["person", "car"]
     assert evs[2].max_proposals == (50,)

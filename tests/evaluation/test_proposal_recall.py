@@ -23,7 +23,7 @@ def output(proposals):
 
 
 def recall(targets, outputs, max_proposals=(100, 300, 1000)):
-    ev = ProposalRecall(max_proposals)
+    ev = ProposalRecall(max_proposals=max_proposals)
     ev.update(targets, outputs)
     return ev.compute()
 
