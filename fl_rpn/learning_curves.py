@@ -33,9 +33,10 @@ def mean_curve(curves: list[list[dict[str, float]]], key: str) -> tuple[list[int
 def late_change(iterations: list[int], values: list[float], fraction: float = LATE_FRACTION) -> dict | None:
     """How far a curve moved over its last ``fraction`` of iterations.
 
-    Returns ``{"from": i0, "to": i1, "start": v0, "end": v1, "change": v1 - v0, "best": max, "best_at": i}`` where
-    ``i0`` is the first evaluated iteration at or after ``(1 - fraction) * i1``, or ``None`` with fewer than two
-    evaluations in that span.
+    Returns ``{"from": i0, "to": i1, "start": v0, "end": v1, "change": v1 - v0, "previous": ip, "last_change":
+    v1 - vp, "best": max, "best_at": i}`` where ``i0`` is the first evaluated iteration at or after
+    ``(1 - fraction) * i1`` and ``ip`` the evaluation before the last, or ``None`` with fewer than two evaluations
+    in that span.
     """
     if len(iterations) < 2:
         return None
@@ -46,7 +47,8 @@ def late_change(iterations: list[int], values: list[float], fraction: float = LA
     best = max(range(len(values)), key=values.__getitem__)
     return {
         "from": iterations[start], "to": last, "start": values[start], "end": values[-1],
-        "change": values[-1] - values[start], "best": values[best], "best_at": iterations[best],
+        "change": values[-1] - values[start], "previous": iterations[-2], "last_change": values[-1] - values[-2],
+        "best": values[best], "best_at": iterations[best],
     }  # fmt: skip
 
 
@@ -69,9 +71,9 @@ def markdown_lines(curves: dict, metrics: list[str]) -> list[str]:
     lines = [
         "## Learning curve",
         "",
-        f"Mean over seeds of every periodic evaluation (`{CURVE_FILE}`; plot: `learning_curves.png`). Each cell: the "
-        f"mean at the last evaluation, its change over the last {LATE_FRACTION:.0%} of the schedule (from the first "
-        "evaluation in it), and the best mean with its iteration, in points.",
+        f"Mean over seeds of every periodic evaluation (`{CURVE_FILE}`; plot: `learning_curves.png`). Each cell, in "
+        f"points: the mean at the last evaluation; its change over the last {LATE_FRACTION:.0%} of the schedule (from "
+        "the first evaluation in it) and since the evaluation before the last; the best mean and its iteration.",
         "",
         "| arm | " + " | ".join(shown) + " |",
         "|---|" + "---|" * len(shown),
@@ -81,8 +83,9 @@ def markdown_lines(curves: dict, metrics: list[str]) -> list[str]:
         for m in shown:
             late = late_change(*by_metric[m]) if m in by_metric else None
             cells.append(
-                "—" if late is None else f"{100 * late['end']:.2f} ({100 * late['change']:+.2f} since "
-                f"it {late['from']}; best {100 * late['best']:.2f} at it {late['best_at']})"
+                "—" if late is None else f"{100 * late['end']:.2f} ({100 * late['change']:+.2f} since it "
+                f"{late['from']}, {100 * late['last_change']:+.2f} since it {late['previous']}; best "
+                f"{100 * late['best']:.2f} at it {late['best_at']})"
             )  # fmt: skip
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return [*lines, ""]

@@ -8,7 +8,7 @@ the sd of the differences, the minimal detectable difference (80 % power, 5 % tw
 the number of seeds run, and the seeds needed to detect an effect of ``--effect`` points (the paper's 0.4). The
 imbalance diagnostics (``rpn/...`` in ``history.json``) are averaged over each run's logged steps first; the
 stability and gradient-conflict diagnostics (``stability/...``, ``conflict/...``), when logged, are combined over
-them as :data:`STABILITY` says.
+them as :data:`STABILITY` says. Runs with ``eval_history.json`` get learning curves (``fl_rpn.learning_curves``).
 
 Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
 jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started. Two finished
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from . import learning_curves
 from .evaluation import headline_metrics, metric_spec
 from .evaluation.recall import AR
 
@@ -424,9 +425,11 @@ def markdown(
     notes: list[str] = (),
     plots: list[str] = (),
     expected_known: bool = True,
+    curve_lines: list[str] = (),
 ) -> str:
     """The report; ``notes`` on the expected jobs go to the runs section (``expected_known``: whether every sweep's
-    expected jobs could be read), ``plots`` (file names) get captions."""
+    expected jobs could be read), ``plots`` (file names) get captions, ``curve_lines`` (the learning-curve section,
+    ``learning_curves.markdown_lines``) go before the runs."""
     table = summary["table"]
     lines = [f"Swept keys: {', '.join(summary['swept']) or '(none)'}; arms by {', '.join(summary['arm_keys']) or '-'}.",
              "", *provenance_lines(runs), "", "## Metrics", "",
@@ -487,6 +490,8 @@ def markdown(
     never = len(incomplete) - len(started)
     if not expected_known:
         never = f"at least {never}" if never else "unknown"
+    if curve_lines:
+        lines += ["", *curve_lines]
     lines += ["", "## Runs", "", *notes,
               f"Runs: {len(runs)}, finished: {len(runs) - len(incomplete)}, failed or unfinished: {len(started)}, "
               f"not started: {never}.", ""]  # fmt: skip
@@ -739,7 +744,11 @@ def report(
     summary = summarize_runs(runs, metrics, baseline, effect / 100)
     summary["not_started"] = missing
     plots = [p.name for p in plot(summary, metrics, out_dir)]
-    text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known)
+    curves = learning_curves.arm_curves(summary["arms"], metrics)  # runs with eval_history.json
+    if learning_curves.plot(curves, metrics, out_dir / "learning_curves.png"):
+        plots.append("learning_curves.png")
+    curve_lines = learning_curves.markdown_lines(curves, metrics)
+    text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known, curve_lines=curve_lines)
     (out_dir / "report.md").write_text(text)
     write_csv(out_dir / "runs.csv", runs, metrics, summary["values"])
     write_summary_csv(out_dir / "summary.csv", summary)
