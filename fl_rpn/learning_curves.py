@@ -53,13 +53,14 @@ def late_change(iterations: list[int], values: list[float], fraction: float = LA
 
 
 def arm_curves(arms: dict[str, list], metrics: list[str]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """Per arm (runs with a ``path``), per metric it evaluated: the mean curve over its seeds."""
+    """Per arm (runs with a ``path``), per metric it evaluated at least twice: the mean curve over its seeds (a run
+    evaluated only at its end has no curve)."""
     out = {}
     for arm, members in arms.items():
         curves = [c for c in (load_curve(r.path) for r in members) if c]
         if not curves:
             continue
-        out[arm] = {m: curve for m in metrics if (curve := mean_curve(curves, m))[0]}
+        out[arm] = {m: curve for m in metrics if len((curve := mean_curve(curves, m))[0]) >= 2}
     return {arm: by_metric for arm, by_metric in out.items() if by_metric}
 
 

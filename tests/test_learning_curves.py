@@ -41,6 +41,8 @@ def test_the_report_table_and_plot(tmp_path):
     assert lines[-2] == "| rpn=sampled | 55.00 (+5.00 since it 300, +5.00 since it 300; best 55.00 at it 400) |"
     assert "| arm | m |" in lines
     assert lc.plot(curves, ["m"], tmp_path / "lc.png") and (tmp_path / "lc.png").stat().st_size > 1000
+    final_only = write_curve(tmp_path / "b", [(400, 0.55)])
+    assert lc.arm_curves({"rpn=sampled": [final_only]}, ["m"]) == {}
     assert not lc.plot(curves, ["absent"], tmp_path / "none.png") and lc.markdown_lines(curves, ["absent"]) == []
 
 
