@@ -28,7 +28,7 @@ from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.errors import WeightsUnavailableError, error_message, report_errors
 
 from .test_reliability import FAST, poison_rpn_losses
-from .test_train_app import TINY
+from ..test_train_app import TINY
 
 TIMEOUT = 120  # seconds; a run of these takes 15-30 s on a busy 2-core machine, a hang never ends
 CLI = [*FAST, "schedule.max_iters=6"]  # 3 batches per epoch: every train image is loaded within 3 iterations

@@ -25,7 +25,7 @@ from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.model import build_model
 from fl_rpn.validation import validate_config
 
-from .test_train_app import TINY
+from ..test_train_app import TINY
 
 FAST = [*TINY, "eval.evaluators=[]"]
 

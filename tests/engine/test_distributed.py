@@ -1,6 +1,6 @@
 """DDP on the CPU: 2 gloo processes on 127.0.0.1 train tiny synthetic runs through the real app (``fl_rpn.train``).
 
-Each rank is this file run as a script (``python tests/test_distributed.py SPEC``) with torchrun's environment
+Each rank is this file run as a script (``python tests/engine/test_distributed.py SPEC``) with torchrun's environment
 variables set by hand, so the ranks can start with different Hydra run directories. The worker records the
 weights after every optimizer step (and the gradients of the first) through a global optimizer hook.
 
