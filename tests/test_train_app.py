@@ -1,9 +1,6 @@
 """The Hydra apps end to end on tiny synthetic data: train -> checkpoint -> resume -> eval -> predict."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,32 +14,12 @@ from fl_rpn.engine.evaluate import predict
 from fl_rpn.engine.trainer import train
 from fl_rpn.predict import predict_images
 
-TINY = [
-    "dataset.train.num_images=6", "dataset.val.num_images=3",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=2", "num_workers=0", "eval.batch_size=2",
-    "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.steps=[]",
-    "schedule.log_every=1", "schedule.checkpoint_every=1",
-]  # fmt: skip
-
-
-def run_app(module, *overrides, cache_dir, check=True):
-    env = {**os.environ, "FL_RPN_CACHE": str(cache_dir), "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *overrides], capture_output=True, text=True, env=env, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-FAST = [*TINY, "eval.evaluators=[]"]
+from .conftest import FAST, TINY, TINY_DATA, run_app
 
 
 def test_train_resume_eval_predict_through_the_apps(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    run_app("fl_rpn.train", *TINY, f"hydra.run.dir={run_dir}", cache_dir=cache)
+    run_app(*TINY, f"hydra.run.dir={run_dir}", cache=cache)
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["iteration"] == 2 and ckpt["meta"]["class_names"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -56,15 +33,15 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
     assert "${" in (run_dir / ".hydra" / "config.yaml").read_text()  # Hydra keeps the interpolations
 
     # resume the same run directory to 4 iterations: it continues from 2
-    run_app("fl_rpn.train", *TINY, "schedule.max_iters=4", "resume=true", f"hydra.run.dir={run_dir}", cache_dir=cache)
+    run_app(*TINY, "schedule.max_iters=4", "resume=true", f"hydra.run.dir={run_dir}", cache=cache)
     assert load_checkpoint(run_dir / "last.pt")["iteration"] == 4
     history = json.loads((run_dir / "history.json").read_text())
     assert [h["iteration"] for h in history] == [1, 2, 3, 4]  # the first segment's scalars come from last.pt
 
     eval_dir = tmp_path / "eval"
     run_app(
-        "fl_rpn.eval", f"checkpoint={run_dir / 'last.pt'}", *TINY[:4], "eval.evaluators=[coco,proposal_recall,voc07]",
-        "num_workers=0", f"hydra.run.dir={eval_dir}", cache_dir=cache,
+        f"checkpoint={run_dir / 'last.pt'}", *TINY_DATA, "eval.evaluators=[coco,proposal_recall,voc07]",
+        "num_workers=0", f"hydra.run.dir={eval_dir}", module="fl_rpn.eval", cache=cache,
     )  # fmt: skip
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["iteration"] == 4 and "voc07/mAP" in evaluated and "voc07/AP/circle" in evaluated
@@ -72,27 +49,26 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
     images = sorted((cache).rglob("*.png"))[:2]
     out = tmp_path / "pred"
     run_app(
-        "fl_rpn.predict", f"checkpoint={run_dir / 'last.pt'}", f"inputs=[{images[0]},{images[1]}]",
-        f"out_dir={out}", "score_thresh=0.0", "proposals_topk=5", f"hydra.run.dir={tmp_path / 'p'}", cache_dir=cache,
+        f"checkpoint={run_dir / 'last.pt'}", f"inputs=[{images[0]},{images[1]}]", f"out_dir={out}",
+        "score_thresh=0.0", "proposals_topk=5", f"hydra.run.dir={tmp_path / 'p'}", module="fl_rpn.predict", cache=cache,
     )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.png" for p in images)
 
 
 def test_unknown_override_is_rejected_by_hydra(tmp_path):
-    proc = run_app("fl_rpn.train", "rpn.gama=3", f"hydra.run.dir={tmp_path}", cache_dir=tmp_path, check=False)
+    proc = run_app("rpn.gama=3", f"hydra.run.dir={tmp_path}", cache=tmp_path, check=False)
     assert proc.returncode != 0
     assert "Could not override 'rpn.gama'" in proc.stderr and "Key 'gama' is not in struct" in proc.stderr
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp_path, monkeypatch):
+def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp_path, cache):
     from fl_rpn.eval import evaluate_checkpoint
 
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
     overrides = [*FAST, "seed=3", "rpn=focal_sigmoid", "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]
     train(compose_config(overrides))
     cfg = compose_config(
-        [f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY[:4], "eval.evaluators=[]", "num_workers=0",
+        [f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY_DATA, "eval.evaluators=[]", "num_workers=0",
          f"output_dir={tmp_path / 'eval'}"], config_name="eval",
     )  # fmt: skip
     assert (cfg.seed, cfg.schedule.max_iters, cfg.rpn.name) == (0, 600, "focal_softmax")  # eval.yaml's defaults
@@ -103,11 +79,10 @@ def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp
     assert recorded["dataset"] == "synthetic" and recorded["train_dataset"] == "synthetic"
 
 
-def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_path, cache):
     train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
     checkpoint = tmp_path / "run" / "last.pt"
-    png, other = sorted((tmp_path / "cache").rglob("*.png"))[:2]
+    png, other = sorted(cache.rglob("*.png"))[:2]
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(png.read_bytes())
     Image.open(other).convert("RGB").save(tmp_path / "b" / "x.bmp")  # torchvision.io does not decode BMP
@@ -150,11 +125,10 @@ def test_drawings_use_a_colour_per_class_and_labels_that_scale_with_the_image():
             assert 0.7 * font_size <= column.sum() <= 2 * font_size, (side, int(column.sum()))
 
 
-def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tmp_path, monkeypatch):
+def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tmp_path, cache):
     from fl_rpn.data import build_dataset
     from fl_rpn.predict import PALETTE
 
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
     train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
     val = build_dataset(compose_config(TINY).dataset.val, train=False)
     first, second = val.records[0], val.records[1]
@@ -163,7 +137,7 @@ def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tm
     (tmp_path / "empty.jpg").write_bytes(b"")
     inputs = [first.file, tmp_path / "bad.png", second.file, tmp_path / "empty.jpg"]
     overrides = [f"checkpoint={tmp_path / 'run' / 'last.pt'}", f"inputs=[{','.join(map(str, inputs))}]",
-                 f"out_dir={tmp_path / 'out'}", "score_thresh=1.1", "ground_truth=true", *TINY[:4]]  # fmt: skip
+                 f"out_dir={tmp_path / 'out'}", "score_thresh=1.1", "ground_truth=true", *TINY_DATA]  # fmt: skip
     with pytest.raises(ValueError, match=r"^inputs: 2 of 4 images could not be read \(the other 2 were drawn") as e:
         predict_images(compose_config(overrides, config_name="predict"))
     assert "bad.png" in str(e.value) and "empty.jpg" in str(e.value)

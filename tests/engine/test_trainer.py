@@ -9,18 +9,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from fl_rpn.config import compose_config
-from fl_rpn.engine import trainer
 from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.trainer import train
 from fl_rpn.model import build_model
 
-from ..test_train_app import FAST, TINY
+from ..conftest import FAST, TINY
 
 
 @pytest.mark.parametrize("rpn", ["sampled", "focal_sigmoid"])
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_cfg, tmp_path, monkeypatch, rpn):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_cfg, tmp_path, cache, rpn):
     overrides = [*TINY, f"rpn={rpn}", "eval.evaluators=[]", "schedule.checkpoint_every=2"]
     straight = compose_cfg(*overrides, "schedule.max_iters=4", f"output_dir={tmp_path / 'a'}")
     train(straight)
@@ -47,8 +45,7 @@ def scalars(tb_dir, tag):
     return {e.step: e.value for e in events.Scalars(tag)}, set(events.Tags()["scalars"])
 
 
-def test_tensorboard_after_resume_keeps_the_checkpoint_step_and_has_the_promised_tags(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+def test_tensorboard_after_resume_keeps_the_checkpoint_step_and_has_the_promised_tags(tmp_path, cache):
     train(compose_config([*FAST, f"output_dir={tmp_path}"]))
     with SummaryWriter(str(tmp_path / "tb")) as stale:  # logged after last.pt by a run that was then killed
         stale.add_scalar("train/loss", 999.0, 3)
@@ -59,21 +56,14 @@ def test_tensorboard_after_resume_keeps_the_checkpoint_step_and_has_the_promised
     assert PROMISED_TAGS <= tags
 
 
-def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, cache, on_model_build):
     steps: list[dict[str, float]] = []
 
-    def build(cfg, num_classes, **kwargs):
-        model = build_model(cfg, num_classes, **kwargs)
+    def record(module, args, output):
+        if module.training:
+            steps.append({k: v.item() for k, v in module.stats.items()})
 
-        def record(module, args, output):
-            if module.training:
-                steps.append({k: v.item() for k, v in module.stats.items()})
-
-        model.rpn.register_forward_hook(record)
-        return model
-
-    monkeypatch.setattr(trainer, "build_model", build)
+    on_model_build(lambda model: model.rpn.register_forward_hook(record))
     cfg = compose_config([*FAST, "schedule.max_iters=4", "schedule.log_every=2", f"output_dir={tmp_path}"])
     metrics = train(cfg)
     history = json.loads((tmp_path / "history.json").read_text())
@@ -90,8 +80,7 @@ def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, monk
     assert logged == pytest.approx({h["iteration"]: h["rpn/positive_anchors_per_image"] for h in history})
 
 
-def test_resume_from_a_checkpoint_path_continues_from_its_iteration(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+def test_resume_from_a_checkpoint_path_continues_from_its_iteration(tmp_path, cache, caplog):
     train(compose_config([*FAST, f"output_dir={tmp_path / 'first'}"]))
     source = tmp_path / "first" / "last.pt"
     with caplog.at_level("INFO", logger="fl_rpn.engine.trainer"):
@@ -106,7 +95,7 @@ def test_resume_from_a_checkpoint_path_continues_from_its_iteration(tmp_path, mo
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=1e-6, msg=k)
 
 
-def grad_norms_at_each_step(monkeypatch, tmp_path, *overrides):
+def grad_norms_at_each_step(on_optimizer_build, tmp_path, *overrides):
     """The total L2 norm of the gradients that each optimizer step uses."""
     norms = []
 
@@ -114,21 +103,15 @@ def grad_norms_at_each_step(monkeypatch, tmp_path, *overrides):
         grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
 
-    def build_and_watch(*args, **kwargs):
-        optimizer = build_optimizer(*args, **kwargs)
-        optimizer.register_step_pre_hook(record)
-        return optimizer
-
-    monkeypatch.setattr(trainer, "build_optimizer", build_and_watch)
+    on_optimizer_build(lambda optimizer, model: optimizer.register_step_pre_hook(record))
     train(compose_config([*FAST, *overrides, f"output_dir={tmp_path}"]))
     return norms
 
 
-def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, monkeypatch):
+def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, cache, on_optimizer_build):
     """With one objectness logit per anchor the clipped norm is the plain L2 norm of all gradients."""
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    unclipped = grad_norms_at_each_step(monkeypatch, tmp_path / "a", "rpn=focal_sigmoid")
-    clipped = grad_norms_at_each_step(monkeypatch, tmp_path / "b", "rpn=focal_sigmoid", "clip_grad_norm=0.05")
+    unclipped = grad_norms_at_each_step(on_optimizer_build, tmp_path / "a", "rpn=focal_sigmoid")
+    clipped = grad_norms_at_each_step(on_optimizer_build, tmp_path / "b", "rpn=focal_sigmoid", "clip_grad_norm=0.05")
     assert len(unclipped) == len(clipped) == 2 and min(unclipped) > 0.5
     assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
 
@@ -205,8 +188,7 @@ def test_cls_lr_mult_keeps_the_objectness_layers_lr_times_weight_decay():
     assert {id(p) for p in cls["params"]} == {id(p) for p in model.rpn.head.cls_logits.parameters()}
 
 
-def test_the_learning_curve_holds_every_evaluation_across_a_resume(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
+def test_the_learning_curve_holds_every_evaluation_across_a_resume(tmp_path, cache):
     curve_run = [*TINY, "eval.evaluators=[proposal_recall]", "schedule.eval_every=1", f"output_dir={tmp_path}"]
     train(compose_config([*curve_run, "schedule.max_iters=2"]))
     (tmp_path / "eval_history.json").unlink()  # the checkpoint's copy of the curve is what a resume continues
