@@ -16,14 +16,10 @@ import fl_rpn
 from fl_rpn.config import CONF_DIR, find_conf_dir
 from fl_rpn.provenance import git_commit
 
+from .conftest import TINY, TINY_DATA
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "dataset.train.num_images=4", "dataset.val.num_images=2",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=2", "num_workers=0", "eval.batch_size=2",
-    "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.steps=[]", "schedule.log_every=1",
-]  # fmt: skip
+SMALLER = ["dataset.train.num_images=4", "dataset.val.num_images=2"]  # than TINY's 6 / 3: this test runs 5 apps
 
 
 def git(cwd, *args):
@@ -147,7 +143,7 @@ def test_the_built_wheel_runs_every_app_from_outside_the_repository(tmp_path):
         )
         return proc.stdout
 
-    run(str(bin_dir / "fl-rpn-train"), "--config-dir", "myconf", "dataset=mine", *TINY, "hydra.run.dir=run")
+    run(str(bin_dir / "fl-rpn-train"), "--config-dir", "myconf", "dataset=mine", *TINY, *SMALLER, "hydra.run.dir=run")
     prov = json.loads((work / "run" / "metrics.json").read_text())["provenance"]
     assert prov["version"] == fl_rpn.__version__ and prov["commit"] is None and prov["dataset"] == "mine"
     assert (work / "run" / "last.pt").is_file()
@@ -156,8 +152,15 @@ def test_the_built_wheel_runs_every_app_from_outside_the_repository(tmp_path):
     }
     assert sources["main"] == f"{site}/fl_rpn/conf" and sources["command-line"].endswith("myconf")  # the wheel's copy
 
-    run(str(python), "-m", "fl_rpn.check_data", *TINY[:4], "hydra.run.dir=check")
-    run(str(bin_dir / "fl-rpn-eval"), "checkpoint=run/last.pt", *TINY[:4], "num_workers=0", "hydra.run.dir=eval")
+    run(str(python), "-m", "fl_rpn.check_data", *TINY_DATA, *SMALLER, "hydra.run.dir=check")
+    run(
+        str(bin_dir / "fl-rpn-eval"),
+        "checkpoint=run/last.pt",
+        *TINY_DATA,
+        *SMALLER,
+        "num_workers=0",
+        "hydra.run.dir=eval",
+    )
     assert "bbox/AP" in json.loads((work / "eval" / "metrics.json").read_text())
     image = sorted((tmp_path / "cache").rglob("*.png"))[0]
     run(

@@ -22,7 +22,7 @@ from fl_rpn.report import (
     tick_label,
 )
 
-from .test_train_app import TINY, run_app
+from .conftest import TINY, run_app
 
 
 def fake_run(root, name, overrides, metrics=None, history=None):
@@ -187,8 +187,8 @@ DIFF_CELL = re.compile(r"(\S+) \[(\S+), (\S+)\] \((\d+)\)")
 def test_a_real_sweep_through_the_launcher(tmp_path):
     sweep = tmp_path / "sweep"
     run_app(
-        "fl_rpn.train", "-m", "rpn=sampled,focal_sigmoid,focal_softmax", "seed=0,1", *TINY,
-        "eval.evaluators=[coco,proposal_recall]", f"hydra.sweep.dir={sweep}", cache_dir=tmp_path / "cache",
+        "-m", "rpn=sampled,focal_sigmoid,focal_softmax", "seed=0,1", *TINY,
+        "eval.evaluators=[coco,proposal_recall]", f"hydra.sweep.dir={sweep}", cache=tmp_path / "cache",
     )  # fmt: skip
     runs = load_runs([sweep])
     assert len(runs) == 6 and all(r.metrics is not None for r in runs)

@@ -98,7 +98,7 @@ fi
 } 2>&1 | tee -a "$LOG"
 
 # (a) the tests marked cuda (on the CPU: the same bodies with CPU stand-ins, FL_RPN_TEST_DEVICE=cpu)
-step pytest "${LIMIT[pytest]}" env FL_RPN_TEST_DEVICE="$DEVICE" $PY -m pytest -q -m cuda tests/test_cuda.py \
+step pytest "${LIMIT[pytest]}" env FL_RPN_TEST_DEVICE="$DEVICE" $PY -m pytest -q -m cuda tests/engine/test_cuda.py \
   -p no:cacheprovider --junitxml="$WORK/pytest.xml"
 # host syncs in one training step per RPN form
 step syncs "${LIMIT[syncs]}" $PY $B/sync_count.py --device "$DEVICE" "${SYNC_ARGS[@]}" --json "$OUT_DIR/syncs.json"

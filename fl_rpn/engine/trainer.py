@@ -183,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             dist_info=dist_info, class_names=train_set.meta.class_names,
         )  # fmt: skip
     # Every trainable parameter gets a gradient at every step, with either RPN and with images without
-    # boxes (tests/test_distributed.py checks), so DDP needs no find_unused_parameters.
+    # boxes (tests/engine/test_distributed.py checks), so DDP needs no find_unused_parameters.
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist_info.enabled else model  # fmt: skip
     if dist_info.is_main:

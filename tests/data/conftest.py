@@ -1,4 +1,4 @@
-"""Tiny on-disk fixtures for the data tests: images are written with torchvision.io."""
+"""Tiny on-disk fixtures for the data tests (images: ``write_image`` / ``image_writer`` of ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from torchvision.io import write_jpeg, write_png
 
-
-def write_image(path: Path, width: int, height: int, value: int = 128) -> torch.Tensor:
-    """Write a uniform uint8 RGB image (PNG or JPEG by suffix); return its [3, H, W] tensor."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = torch.full((3, height, width), value, dtype=torch.uint8)
-    (write_jpeg if path.suffix == ".jpg" else write_png)(image, str(path))
-    return image
+from ..conftest import write_image
 
 
 @pytest.fixture
@@ -48,8 +40,3 @@ def coco_files(tmp_path: Path) -> tuple[Path, Path]:
     annotations = tmp_path / "instances.json"
     annotations.write_text(json.dumps(data))
     return images, annotations
-
-
-@pytest.fixture
-def image_writer():
-    return write_image

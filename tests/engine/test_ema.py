@@ -11,14 +11,7 @@ from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.ema import EMA
 from fl_rpn.engine.trainer import train
 
-TINY = [
-    "dataset.train.num_images=6", "dataset.val.num_images=3",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=2", "num_workers=0", "eval.batch_size=2", "eval.evaluators=[proposal_recall]",
-    "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.steps=[]",
-    "schedule.log_every=1", "schedule.checkpoint_every=1",
-]  # fmt: skip
+from ..conftest import TINY_RECALL
 
 
 class Tiny(nn.Module):
@@ -62,12 +55,11 @@ def test_applied_swaps_the_average_in_and_restores_the_live_weights_exactly():
 
 def test_decay_outside_the_open_unit_interval_is_refused():
     with pytest.raises(ValueError, match=r"config key ema=1\.0: must be null or a decay in \(0, 1\)"):
-        train(compose_config([*TINY, "ema=1.0", "output_dir=unused"]))
+        train(compose_config([*TINY_RECALL, "ema=1.0", "output_dir=unused"]))
 
 
-def test_a_run_with_ema_evaluates_checkpoints_and_resumes_the_average(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    metrics = train(compose_config([*TINY, "ema=0.5", f"output_dir={tmp_path / 'run'}"]))
+def test_a_run_with_ema_evaluates_checkpoints_and_resumes_the_average(tmp_path, cache):
+    metrics = train(compose_config([*TINY_RECALL, "ema=0.5", f"output_dir={tmp_path / 'run'}"]))
     assert "proposal/AR@100" in metrics and "ema/proposal/AR@100" in metrics
     assert "ema/proposal/AR@100" in json.loads((tmp_path / "run" / "metrics.json").read_text())
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -76,24 +68,27 @@ def test_a_run_with_ema_evaluates_checkpoints_and_resumes_the_average(tmp_path, 
     assert any(not torch.equal(saved["weights"][k], v) for k, v in ckpt["model"].items() if v.is_floating_point())
 
     # two more iterations from the checkpoint: the average continues from the saved one, not from the weights
-    train(compose_config([*TINY, "ema=0.5", "schedule.max_iters=4", "resume=true", f"output_dir={tmp_path / 'run'}"]))
+    train(
+        compose_config(
+            [*TINY_RECALL, "ema=0.5", "schedule.max_iters=4", "resume=true", f"output_dir={tmp_path / 'run'}"]
+        )
+    )
     resumed = load_checkpoint(tmp_path / "run" / "last.pt")["hooks"]["ema"]
-    train(compose_config([*TINY, "ema=0.5", "schedule.max_iters=4", f"output_dir={tmp_path / 'straight'}"]))
+    train(compose_config([*TINY_RECALL, "ema=0.5", "schedule.max_iters=4", f"output_dir={tmp_path / 'straight'}"]))
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")["hooks"]["ema"]
     assert resumed["updates"] == straight["updates"] == 4
     for k, v in straight["weights"].items():
         torch.testing.assert_close(resumed["weights"][k], v, rtol=0, atol=1e-6, msg=k)
 
 
-def test_a_checkpoint_without_ema_resumes_with_ema_from_its_weights(tmp_path, monkeypatch, caplog):
+def test_a_checkpoint_without_ema_resumes_with_ema_from_its_weights(tmp_path, cache, caplog):
     """Also a checkpoint written before hooks existed (no ``hooks`` key at all)."""
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    train(compose_config([*TINY, "eval.evaluators=[]", f"output_dir={tmp_path}"]))
+    train(compose_config([*TINY_RECALL, "eval.evaluators=[]", f"output_dir={tmp_path}"]))
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt.pop("hooks") == {}
     torch.save(ckpt, tmp_path / "last.pt")
     with caplog.at_level("INFO", logger="fl_rpn.engine.ema"):
-        train(compose_config([*TINY, "eval.evaluators=[]", "ema=0.9", "schedule.max_iters=3", "resume=true",
+        train(compose_config([*TINY_RECALL, "eval.evaluators=[]", "ema=0.9", "schedule.max_iters=3", "resume=true",
                               f"output_dir={tmp_path}"]))  # fmt: skip
     assert "ema: the checkpoint holds no averaged weights; averaging from iteration 2" in caplog.text
     assert load_checkpoint(tmp_path / "last.pt")["hooks"]["ema"]["updates"] == 1

@@ -17,19 +17,14 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.io import write_jpeg, write_png
 
 from fl_rpn.data import VOC_CLASSES, build_dataset
 from fl_rpn.evaluation import CocoEvaluator, VOC07Evaluator
 from fl_rpn.evaluation.coco import METRICS
 
+from ..conftest import write_image
+
 SIZES = [(64, 48), (50, 70), (160, 120), (40, 30), (96, 64), (120, 160)]  # (W, H)
-
-
-def write_image(path, width, height):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = torch.full((3, height, width), 128, dtype=torch.uint8)
-    (write_jpeg if path.suffix == ".jpg" else write_png)(image, str(path))
 
 
 def eval_targets(node):

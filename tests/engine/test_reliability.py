@@ -1,6 +1,6 @@
 """Reliability: bad config values, non-finite losses and weights, kills and pre-emption, safe resume.
 
-Each test uses the tiny overrides of test_train_app (6 synthetic images of 96x128, 2 iterations).
+Each test uses the tiny overrides of ``tests/conftest.py`` (6 synthetic images of 96x128, 2 iterations).
 """
 
 import json
@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,23 +24,7 @@ from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.model import build_model
 from fl_rpn.validation import validate_config
 
-from .test_train_app import TINY
-
-FAST = [*TINY, "eval.evaluators=[]"]
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def app(*overrides, cache_dir, **popen):
-    env = {**os.environ, "FL_RPN_CACHE": str(cache_dir), "HYDRA_FULL_ERROR": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "fl_rpn.train", *overrides], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen,
-    )  # fmt: skip
+from ..conftest import FAST, free_port, start_app
 
 
 def wait_for(path, proc, timeout=300):
@@ -117,28 +100,8 @@ def test_unknown_nested_key_is_rejected():
 # --- non-finite losses and weights -----------------------------------------------------------------------
 
 
-def poison_rpn_losses(monkeypatch, at_calls):
-    """The RPN's losses become NaN at the given (0-based) training forward passes."""
-    calls = {"n": 0}
-
-    def build(cfg, num_classes, **kwargs):
-        model = build_model(cfg, num_classes, **kwargs)
-
-        def hook(module, args, output):
-            boxes, losses = output
-            n, calls["n"] = calls["n"], calls["n"] + 1
-            if module.training and n in at_calls:
-                losses = {k: v * float("nan") for k, v in losses.items()}
-            return boxes, losses
-
-        model.rpn.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(trainer, "build_model", build)
-
-
-def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoint(tmp_path, cache, monkeypatch):
-    poison_rpn_losses(monkeypatch, at_calls={2})
+def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoint(tmp_path, cache, poison_rpn_losses):
+    poison_rpn_losses(at_calls={2})
     cfg = compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path}"])
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration 2: .*loss_objectness=nan") as info:
         train(cfg)
@@ -148,16 +111,16 @@ def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoin
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, cache, monkeypatch):
-    poison_rpn_losses(monkeypatch, at_calls={0})
+def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, cache, poison_rpn_losses):
+    poison_rpn_losses(at_calls={0})
     cfg = compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path}"])
     with pytest.raises(NonFiniteLossError, match=r"at iteration 0: .*; no checkpoint was written yet$"):
         train(cfg)
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, monkeypatch):
-    poison_rpn_losses(monkeypatch, at_calls={1})
+def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, poison_rpn_losses):
+    poison_rpn_losses(at_calls={1})
     cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
     metrics = train(cfg)
     assert metrics["train/skipped_steps"] == 1 and metrics["train/iterations"] == 3
@@ -165,8 +128,8 @@ def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, monkeypatch):
     assert ckpt["iteration"] == 3 and finite_state(ckpt)
 
 
-def test_a_skipped_last_step_is_still_checkpointed(tmp_path, cache, monkeypatch):
-    poison_rpn_losses(monkeypatch, at_calls={2})
+def test_a_skipped_last_step_is_still_checkpointed(tmp_path, cache, poison_rpn_losses):
+    poison_rpn_losses(at_calls={2})
     cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
     metrics = train(cfg)  # checkpoint_every=1: iterations 1, 2 and the skipped 3 are each saved
     ckpt = load_checkpoint(tmp_path / "last.pt")
@@ -175,11 +138,11 @@ def test_a_skipped_last_step_is_still_checkpointed(tmp_path, cache, monkeypatch)
     assert [h["iteration"] for h in ckpt["history"]] == [1, 2]  # nothing to log for a skipped step
 
 
-def test_skipped_steps_are_counted_across_a_resume(tmp_path, cache, monkeypatch):
-    poison_rpn_losses(monkeypatch, at_calls={1})  # iteration 2
+def test_skipped_steps_are_counted_across_a_resume(tmp_path, cache, poison_rpn_losses):
+    poison_rpn_losses(at_calls={1})  # iteration 2
     train(compose_config([*FAST, "nonfinite=skip", f"output_dir={tmp_path}"]))
     assert load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == 1
-    poison_rpn_losses(monkeypatch, at_calls={1})  # the resumed run's second step: iteration 4
+    poison_rpn_losses(at_calls={1})  # the resumed run's second step: iteration 4
     cfg = compose_config([*FAST, "schedule.max_iters=4", "nonfinite=skip", "resume=true", f"output_dir={tmp_path}"])
     metrics = train(cfg)
     assert metrics["train/skipped_steps"] == load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == 2
@@ -187,24 +150,9 @@ def test_skipped_steps_are_counted_across_a_resume(tmp_path, cache, monkeypatch)
     assert [(h["iteration"], h["skipped_steps"]) for h in history] == [(1, 0), (3, 1)]
 
 
-def test_nonfinite_weights_are_never_written(tmp_path, cache, monkeypatch):
+def test_nonfinite_weights_are_never_written(tmp_path, cache, inf_weight_after_step):
     """A finite loss whose step blows the weights up: the save refuses and names the tensor."""
-    real = trainer.build_optimizer
-
-    def build_optimizer(model, *args, **kwargs):
-        optimizer = real(model, *args, **kwargs)
-        steps = {"n": 0}
-
-        def poison(opt, args, kwargs):
-            steps["n"] += 1
-            if steps["n"] == 2:
-                with torch.no_grad():
-                    model.rpn.head.conv[0][0].weight[0, 0, 0, 0] = float("inf")
-
-        optimizer.register_step_post_hook(poison)
-        return optimizer
-
-    monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
+    inf_weight_after_step(2)
     cfg = compose_config([*FAST, "schedule.max_iters=3", f"output_dir={tmp_path}"])
     with pytest.raises(
         ValueError, match=r"refusing to write .*last\.pt: 1 model tensor\(s\) .*rpn\.head\.conv\.0\.0\.weight"
@@ -247,7 +195,7 @@ def test_a_truncated_checkpoint_is_reported_not_loaded(tmp_path):
 def test_sigkill_then_resume_reaches_the_same_weights(tmp_path, cache):
     overrides = [*FAST, "device=cpu", "deterministic=true", "schedule.max_iters=4", "schedule.checkpoint_every=1"]
     run = tmp_path / "killed"
-    proc = app(*overrides, f"hydra.run.dir={run}", cache_dir=cache)
+    proc = start_app(*overrides, f"hydra.run.dir={run}", cache=cache)
     wait_for(run / "last.pt", proc)
     proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: a node failure or an out-of-memory kill
     proc.communicate(timeout=60)
@@ -255,7 +203,7 @@ def test_sigkill_then_resume_reaches_the_same_weights(tmp_path, cache):
     killed_at = load_checkpoint(run / "last.pt")["iteration"]
     assert 1 <= killed_at < 4
 
-    resumed = app(*overrides, "resume=true", f"hydra.run.dir={run}", cache_dir=cache)
+    resumed = start_app(*overrides, "resume=true", f"hydra.run.dir={run}", cache=cache)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from {run / 'last.pt'} at iteration {killed_at}" in (run / "train.log").read_text()
@@ -273,7 +221,7 @@ def test_sigterm_to_the_whole_job_checkpoints_and_exits_143(tmp_path, cache):
     """SLURM pre-emption signals every process of the job, DataLoader workers included."""
     run = tmp_path / "run"
     overrides = [*FAST, "num_workers=2", "schedule.max_iters=100", "schedule.checkpoint_every=50"]
-    proc = app(*overrides, f"hydra.run.dir={run}", cache_dir=cache, start_new_session=True)
+    proc = start_app(*overrides, f"hydra.run.dir={run}", cache=cache, start_new_session=True)
     wait_for(run / "tb", proc)
     while "train:" not in (line := proc.stderr.readline()) or "1/100" not in line:  # an iteration finished
         assert line or proc.poll() is None, "exited early"
@@ -306,12 +254,6 @@ def test_the_stream_is_the_same_from_any_iteration_with_or_without_workers(cache
 # --- logging and resuming ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_under_submitit_only_rank_zero_writes_train_log(tmp_path, cache):
     """submitit runs Hydra's job setup in every rank (not ``fl_rpn.train.main``): each opens the same train.log."""
     run, port = tmp_path / "run", str(free_port())
@@ -319,13 +261,12 @@ def test_under_submitit_only_rank_zero_writes_train_log(tmp_path, cache):
     procs = []
     for rank in (0, 1):
         env = {
-            **os.environ, "FL_RPN_CACHE": str(cache), "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "1",
-            "SUBMITIT_LOCAL_GLOBALID": str(rank), "SUBMITIT_LOCAL_LOCALID": str(rank), "SUBMITIT_LOCAL_NTASKS": "2",
-            "MASTER_PORT": port, "OMP_NUM_THREADS": "1",
+            "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "1", "SUBMITIT_LOCAL_GLOBALID": str(rank),
+            "SUBMITIT_LOCAL_LOCALID": str(rank), "SUBMITIT_LOCAL_NTASKS": "2", "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
         }  # fmt: skip
         overrides = [*FAST, "device=cpu", "batch_size=1", f"hydra.run.dir={run}"]
-        procs.append(subprocess.Popen([sys.executable, "-c", code, *overrides], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+        procs.append(start_app(*overrides, cache=cache, code=code, env=env, stderr=subprocess.STDOUT))
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]

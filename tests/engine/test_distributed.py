@@ -1,6 +1,6 @@
 """DDP on the CPU: 2 gloo processes on 127.0.0.1 train tiny synthetic runs through the real app (``fl_rpn.train``).
 
-Each rank is this file run as a script (``python tests/test_distributed.py SPEC``) with torchrun's environment
+Each rank is ``ddp_worker.py`` run as a script by ``launch_ddp`` (``conftest.py``) with torchrun's environment
 variables set by hand, so the ranks can start with different Hydra run directories. The worker records the
 weights after every optimizer step (and the gradients of the first) through a global optimizer hook.
 
@@ -19,195 +19,28 @@ Exact comparison with one process: the reference trains one process on the same 
 """
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from fl_rpn.engine.distributed import DistInfo, any_rank, first_host, launched_by
 from fl_rpn.engine.stream import TrainStream
 
-# batch_size is per process: the global batch of 2 processes is 2
-TINY = [
-    "device=cpu", "dataset.train.num_images=6", "dataset.val.num_images=3",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=1", "num_workers=0", "eval.batch_size=2", "eval.evaluators=[]",
-    "schedule.max_iters=4", "schedule.warmup_iters=1", "schedule.steps=[]",
-    "schedule.log_every=1", "schedule.checkpoint_every=2",
-]  # fmt: skip
-TIMEOUT = 180
-
-
-def first_k_sample(self, matched_idxs):
-    """``BalancedPositiveNegativeSampler.__call__`` without randomness: the first positives and negatives by index."""
-    pos_masks, neg_masks = [], []
-    for matched in matched_idxs:
-        positive, negative = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
-        num_pos = min(int(self.batch_size_per_image * self.positive_fraction), positive.numel())
-        num_neg = min(self.batch_size_per_image - num_pos, negative.numel())
-        pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
-        neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
-        pos_mask[positive[:num_pos]] = 1
-        neg_mask[negative[:num_neg]] = 1
-        pos_masks.append(pos_mask)
-        neg_masks.append(neg_mask)
-    return pos_masks, neg_masks
-
-
-class StepRecorder:
-    """Global optimizer hook: the flat weights after every step and the flat gradients of the first."""
-
-    def __init__(self) -> None:
-        self.weights: list[torch.Tensor] = []
-        self.first_grads: torch.Tensor | None = None
-        self.handle = register_optimizer_step_post_hook(self)
-
-    def __call__(self, optimizer, args, kwargs) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.weights.append(torch.cat([p.detach().flatten() for p in params]).clone())
-        if self.first_grads is None:
-            self.first_grads = torch.cat([p.grad.flatten() for p in params]).clone()
-
-
-# -- the worker: one rank ----------------------------------------------------------------------------------------
-def worker(spec: dict) -> None:
-    rank = int(os.environ["RANK"])
-    BalancedPositiveNegativeSampler.__call__ = first_k_sample
-    recorder = StepRecorder()
-    if rank == spec.get("nan_on_rank"):  # a non-finite loss on this rank only, at the first iteration
-        from fl_rpn.rpn import FocalLossRPN
-
-        compute_loss = FocalLossRPN.compute_loss
-        calls = []
-
-        def nan_once(self, *args):
-            loss_objectness, loss_box = compute_loss(self, *args)
-            calls.append(1)
-            return (loss_objectness * float("nan") if len(calls) == 1 else loss_objectness), loss_box
-
-        FocalLossRPN.compute_loss = nan_once
-    from fl_rpn.train import main
-
-    sys.argv = ["fl-rpn-train", *spec["overrides"], *spec.get("rank_overrides", {}).get(str(rank), [])]
-    try:
-        main()
-    finally:
-        torch.save({"weights": recorder.weights, "first_grads": recorder.first_grads}, f"{spec['record']}.{rank}.pt")
-
-
-# positives per rank of a 2-rank global batch: more than ranks, fewer than ranks, none
-NORMALIZER_CASES = {"both_ranks": (3, 2), "fewer_than_ranks": (1, 0), "none": (0, 0)}
-
-
-def normalizer_inputs(num_pos: int, seed: int, form: str, n: int = 60):
-    """``compute_loss`` inputs of one image with ``num_pos`` positives, 10 ignored anchors, the rest background."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.zeros(n)
-    labels[:num_pos] = 1.0
-    labels[-10:] = -1.0
-    objectness = torch.randn(n, 2 if form == "softmax" else 1, generator=g, dtype=torch.float64)
-    objectness[:, -1] -= 2.0  # object logit down: about half the negatives are easy (p < 0.1)
-    return objectness, torch.randn(n, 4, generator=g, dtype=torch.float64), labels, torch.randn(n, 4, generator=g)
-
-
-def loss_only_rpn(form: str):
-    from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.rpn import RPNHead
-
-    from fl_rpn import FocalLossRPN, TwoLogitRPNHead
-
-    head = (TwoLogitRPNHead if form == "softmax" else RPNHead)(4, 3)
-    anchors = AnchorGenerator(((16,),), ((0.5, 1.0, 2.0),))
-    return FocalLossRPN(anchors, head, 0.7, 0.3, {"training": 10}, {"training": 10}, 0.7, form=form)
-
-
-def normalizer_worker(spec: dict) -> None:
-    """Each rank computes the focal RPN loss on its image of every case, with N_pos all-reduced."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    rank, out = dist.get_rank(), {}
-    for form in ("sigmoid", "softmax"):
-        rpn = loss_only_rpn(form)
-        for case, counts in NORMALIZER_CASES.items():
-            objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, form)
-            out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
-            out[form, case, "stats"] = {k: float(v) for k, v in rpn.stats.items()}
-    dist.destroy_process_group()
-    torch.save(out, f"{spec['record']}.{rank}.pt")
-
-
-# -- launching ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import DDP_TINY, launch_ddp
+from .ddp_worker import NORMALIZER_CASES, StepRecorder, first_k_sample, loss_only_rpn, normalizer_inputs
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """The synthetic data, generated once for the module."""
-    return tmp_path_factory.mktemp("cache")
-
-
-def launch(tmp_path: Path, name: str, cache: Path, overrides: list[str], rank_overrides=None, nan_on_rank=None,
-           check=True, kind="train"):  # fmt: skip
-    """Run 2 ranks of ``kind`` (``train``: ``worker``; ``normalizer``: ``normalizer_worker``); returns
-    ``(returncodes, outputs, records)``. Rank r runs in ``tmp_path/name/cwd<r>``."""
-    base = tmp_path / name
-    spec = {"overrides": overrides, "rank_overrides": rank_overrides or {}, "record": str(base / "record")}
-    spec["nan_on_rank"] = nan_on_rank
-    spec["kind"] = kind
-    env = {
-        **os.environ, "FL_RPN_CACHE": str(cache), "HYDRA_FULL_ERROR": "1",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-    }  # fmt: skip
-    procs = []
-    for rank in range(2):
-        cwd = base / f"cwd{rank}"
-        cwd.mkdir(parents=True)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, json.dumps(spec)],
-                cwd=cwd,
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        outputs = [p.communicate()[0] for p in procs]
-        raise AssertionError("DDP run timed out (a deadlock?):\n" + "\n".join(o[-3000:] for o in outputs)) from None
-    codes = [p.returncode for p in procs]
-    if check and any(codes):
-        logs = "\n".join(f"--- rank {r}\n{out[-4000:]}" for r, out in enumerate(outputs))
-        raise AssertionError(f"DDP run failed {codes}:\n{logs}")
-    records = [torch.load(f) if (f := Path(f"{spec['record']}.{r}.pt")).is_file() else None for r in range(2)]
-    return codes, outputs, records
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, cache):
+def ddp_run(tmp_path_factory, module_cache):
     """4 iterations on 2 processes, evaluated; rank 1 gets no run directory of its own (it must use rank 0's)."""
     tmp = tmp_path_factory.mktemp("ddp")
     run_dir = tmp / "run"
-    overrides = [*TINY, "eval.evaluators=[coco,proposal_recall]"]
-    _, outputs, records = launch(tmp, "launch", cache, overrides, rank_overrides={"0": [f"hydra.run.dir={run_dir}"]})
+    overrides = [*DDP_TINY, "eval.evaluators=[coco,proposal_recall]"]
+    _, outputs, records = launch_ddp(
+        tmp, "launch", module_cache, overrides, rank_overrides={"0": [f"hydra.run.dir={run_dir}"]}
+    )
     return {"tmp": tmp, "run_dir": run_dir, "overrides": overrides, "outputs": outputs, "records": records}
 
 
@@ -231,13 +64,13 @@ def test_rank_zero_alone_writes_into_its_run_directory(ddp_run):
     assert history[-1]["lr"] == pytest.approx(0.02 * 2 / 16)  # the linear scaling rule, global batch 2 of 16
 
 
-def test_distributed_evaluation_counts_each_image_once(ddp_run, cache, compose_cfg, monkeypatch):
+def test_distributed_evaluation_counts_each_image_once(ddp_run, module_cache, compose_cfg, monkeypatch):
     """3 val images on 2 ranks: the DistributedSampler pads rank 1 with a repeat, which the evaluators drop."""
     from fl_rpn.data import build_dataset
     from fl_rpn.engine.checkpoint import model_from_checkpoint
     from fl_rpn.engine.trainer import run_evaluation
 
-    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
+    monkeypatch.setenv("FL_RPN_CACHE", str(module_cache))
     cfg = compose_cfg(*ddp_run["overrides"], f"output_dir={ddp_run['tmp'] / 'eval'}")
     model, _ = model_from_checkpoint(ddp_run["run_dir"] / "last.pt")
     single = run_evaluation(cfg, model, build_dataset(cfg.dataset.val, train=False), torch.device("cpu"), DistInfo())
@@ -261,23 +94,27 @@ class GlobalBatchStream:
 
 
 @pytest.mark.parametrize("rpn", ["focal_softmax", "focal_sigmoid", "sampled"])
-def test_first_step_equals_one_process_on_the_global_batch(rpn, ddp_run, cache, compose_cfg, monkeypatch, tmp_path):
+def test_first_step_equals_one_process_on_the_global_batch(
+    rpn, ddp_run, module_cache, compose_cfg, monkeypatch, tmp_path
+):
     from fl_rpn.engine import trainer
 
     if rpn == "focal_softmax":  # the shared run's default
         ddp, ddp_dir = ddp_run["records"][0], ddp_run["run_dir"]
     else:
         ddp_dir = tmp_path / "ddp_run"
-        overrides = [*TINY, f"rpn={rpn}", "schedule.max_iters=1"]
-        ddp = launch(tmp_path, "ddp", cache, overrides, rank_overrides={"0": [f"hydra.run.dir={ddp_dir}"]})[2][0]
-    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
+        overrides = [*DDP_TINY, f"rpn={rpn}", "schedule.max_iters=1"]
+        ddp = launch_ddp(tmp_path, "ddp", module_cache, overrides, rank_overrides={"0": [f"hydra.run.dir={ddp_dir}"]})[
+            2
+        ][0]
+    monkeypatch.setenv("FL_RPN_CACHE", str(module_cache))
     monkeypatch.setattr(BalancedPositiveNegativeSampler, "__call__", first_k_sample)
     monkeypatch.setattr(trainer, "TrainStream", GlobalBatchStream)
     recorder = StepRecorder()
     single_dir = tmp_path / "single"
     try:
         trainer.train(
-            compose_cfg(*TINY, f"rpn={rpn}", "batch_size=2", "schedule.max_iters=1", f"output_dir={single_dir}")
+            compose_cfg(*DDP_TINY, f"rpn={rpn}", "batch_size=2", "schedule.max_iters=1", f"output_dir={single_dir}")
         )
     finally:
         recorder.handle.remove()
@@ -293,15 +130,21 @@ def test_first_step_equals_one_process_on_the_global_batch(rpn, ddp_run, cache, 
 
 
 # -- (c) DDP checkpoints resume, on 2 processes and on 1 ------------------------------------------------------------
-def test_ddp_checkpoint_resumes_on_two_processes_and_on_one(ddp_run, cache, compose_cfg, monkeypatch, tmp_path):
+def test_ddp_checkpoint_resumes_on_two_processes_and_on_one(ddp_run, module_cache, compose_cfg, monkeypatch, tmp_path):
     from fl_rpn.engine.checkpoint import load_checkpoint
     from fl_rpn.engine.trainer import train
 
     run_dir = tmp_path / "run"
-    launch(tmp_path, "first", cache, [*TINY, "schedule.max_iters=2", f"hydra.run.dir={run_dir}"])
+    launch_ddp(tmp_path, "first", module_cache, [*DDP_TINY, "schedule.max_iters=2", f"hydra.run.dir={run_dir}"])
     shutil.copytree(run_dir, tmp_path / "single")
     # rank 1 is told no run directory: it must resume from rank 0's
-    launch(tmp_path, "resumed", cache, [*TINY, "resume=true"], rank_overrides={"0": [f"hydra.run.dir={run_dir}"]})
+    launch_ddp(
+        tmp_path,
+        "resumed",
+        module_cache,
+        [*DDP_TINY, "resume=true"],
+        rank_overrides={"0": [f"hydra.run.dir={run_dir}"]},
+    )
     resumed = load_checkpoint(run_dir / "last.pt")
     straight = load_checkpoint(ddp_run["run_dir"] / "last.pt")  # the same 4 iterations without a stop
     assert resumed["iteration"] == straight["iteration"] == 4 and len(resumed["rng"]) == 2
@@ -310,8 +153,8 @@ def test_ddp_checkpoint_resumes_on_two_processes_and_on_one(ddp_run, cache, comp
     assert [h["iteration"] for h in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3, 4]
 
     # on one process with the same per-process batch: the global batch halves, and so does the lr
-    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
-    train(compose_cfg(*TINY, "resume=true", f"output_dir={tmp_path / 'single'}"))
+    monkeypatch.setenv("FL_RPN_CACHE", str(module_cache))
+    train(compose_cfg(*DDP_TINY, "resume=true", f"output_dir={tmp_path / 'single'}"))
     single = load_checkpoint(tmp_path / "single" / "last.pt")
     assert single["iteration"] == 4 and all(torch.isfinite(v).all() for v in single["model"].values())
     history = json.loads((tmp_path / "single" / "history.json").read_text())
@@ -323,10 +166,10 @@ def test_ddp_checkpoint_resumes_on_two_processes_and_on_one(ddp_run, cache, comp
 
 # -- a non-finite loss on one rank: every rank takes the same decision ----------------------------------------------
 @pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_nonfinite_loss_on_one_rank_does_not_deadlock(tmp_path, cache, mode):
+def test_nonfinite_loss_on_one_rank_does_not_deadlock(tmp_path, module_cache, mode):
     run_dir = tmp_path / "run"
-    overrides = [*TINY, "schedule.max_iters=2", f"nonfinite={mode}", f"hydra.run.dir={run_dir}"]
-    codes, outputs, records = launch(tmp_path, "nan", cache, overrides, nan_on_rank=1, check=mode == "skip")
+    overrides = [*DDP_TINY, "schedule.max_iters=2", f"nonfinite={mode}", f"hydra.run.dir={run_dir}"]
+    codes, outputs, records = launch_ddp(tmp_path, "nan", module_cache, overrides, nan_on_rank=1, check=mode == "skip")
     if mode == "stop":
         assert codes[0] != 0 and codes[1] != 0
         assert "NonFiniteLossError: non-finite loss on another rank at iteration 0" in outputs[0]
@@ -424,8 +267,8 @@ def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(normal
 
 
 @pytest.fixture(scope="module")
-def normalizer_records(tmp_path_factory, cache):
-    return launch(tmp_path_factory.mktemp("normalizer"), "normalizer", cache, [], kind="normalizer")[2]
+def normalizer_records(tmp_path_factory, module_cache):
+    return launch_ddp(tmp_path_factory.mktemp("normalizer"), "normalizer", module_cache, [], kind="normalizer")[2]
 
 
 def test_the_logged_normalizer_and_easy_negative_share_are_global_on_every_rank(normalizer_records):
@@ -451,8 +294,3 @@ def test_the_logged_normalizer_and_easy_negative_share_are_global_on_every_rank(
             if case == "both_ranks":  # here the mean of the ranks' ratios is 7 % (sigmoid) off the global ratio
                 per_rank_mean = sum(e / t for e, t in zip(easy, total)) / 2
                 assert abs(per_rank_mean - share) > 0.02 * share, form
-
-
-if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
-    normalizer_worker(spec) if spec.get("kind") == "normalizer" else worker(spec)

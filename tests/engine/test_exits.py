@@ -2,7 +2,7 @@
 
 Errors raised in DataLoader workers (which ignore SIGTERM) used to leave the process waiting for them forever
 in multiprocessing's exit handler. Each case runs the console script as a subprocess on the tiny synthetic set
-of test_train_app (6 train / 3 val images of 96x128), with DataLoader workers and the progress bar on, and fails
+of ``TINY`` (6 train / 3 val images of 96x128), with DataLoader workers and the progress bar on, and fails
 if it does not exit within ``TIMEOUT`` seconds. Expected errors print one line (``TypeName: message``) without a
 traceback and exit 1; Ctrl-C exits 130.
 """
@@ -21,14 +21,12 @@ import torch
 from PIL import Image
 
 from fl_rpn.config import compose_config
-from fl_rpn.data import ensure_synthetic
-from fl_rpn.engine import trainer
 from fl_rpn.engine.checkpoint import load_checkpoint, remove_orphaned_temporaries, save_checkpoint
 from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.errors import WeightsUnavailableError, error_message, report_errors
 
-from .test_reliability import FAST, poison_rpn_losses
-from .test_train_app import TINY
+from ..conftest import FAST, TINY_DATA, run_app, start_app, write_tiny_data
+from .conftest import DDP_TINY, launch_ddp
 
 TIMEOUT = 120  # seconds; a run of these takes 15-30 s on a busy 2-core machine, a hang never ends
 CLI = [*FAST, "schedule.max_iters=6"]  # 3 batches per epoch: every train image is loaded within 3 iterations
@@ -55,13 +53,6 @@ INF_WEIGHT_AT_STEP_2 = (
 )
 
 
-def make_data(cache):
-    """The tiny synthetic train / val splits of ``TINY`` in ``cache``; returns their image lists."""
-    train_images, _ = ensure_synthetic(cache, "train", 6, 0, image_size=[96, 128])
-    val_images, _ = ensure_synthetic(cache, "val", 3, 1, image_size=[96, 128])
-    return sorted(train_images.iterdir()), sorted(val_images.iterdir())
-
-
 def spoil(file, kind):
     if kind == "truncated":
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
@@ -81,15 +72,11 @@ EXPECTED = {
 }
 
 
-def run(*args, cache, code=None, module="fl_rpn.train", env=None, timeout=TIMEOUT):
-    """Run a console script (``python -m module``, or ``python -c code`` with the args) without HYDRA_FULL_ERROR."""
-    environment = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    environment.update({"FL_RPN_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})})
-    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", module, *args]
-    t0 = time.monotonic()
-    proc = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=timeout)
-    proc.seconds = time.monotonic() - t0
-    return proc
+def run(*args, cache, env=None, **kwargs):
+    """A console script (``run_app``: ``module=``, or ``code=`` with the args) as a user starts it: without
+    HYDRA_FULL_ERROR, on one thread, its exit status left to the test."""
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    return run_app(*args, cache=cache, full_error=False, env=env, timeout=TIMEOUT, check=False, **kwargs)
 
 
 def assert_clear_error(proc, message, status=1):
@@ -104,41 +91,40 @@ def assert_clear_error(proc, message, status=1):
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_a_truncated_train_image_exits_with_its_message(tmp_path, workers):
-    train_images, _ = make_data(tmp_path / "cache")
+def test_a_truncated_train_image_exits_with_its_message(tmp_path, cache, workers):
+    train_images, _ = write_tiny_data(cache)
     spoil(train_images[3], "truncated")
     run_dir = tmp_path / "run"
-    proc = run(*CLI, f"num_workers={workers}", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    proc = run(*CLI, f"num_workers={workers}", f"hydra.run.dir={run_dir}", cache=cache)
     assert_clear_error(proc, f"ValueError: Image {train_images[3]} cannot be decoded")
     assert (" (in DataLoader worker process" in proc.stderr) == (workers > 0)
     assert f"ValueError: Image {train_images[3]} cannot be decoded" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.parametrize("kind", ["zero_bytes", "not_an_image", "other_size"])
-def test_an_unreadable_train_image_exits_with_its_message(tmp_path, kind):
-    train_images, _ = make_data(tmp_path / "cache")
+def test_an_unreadable_train_image_exits_with_its_message(tmp_path, cache, kind):
+    train_images, _ = write_tiny_data(cache)
     spoil(train_images[2], kind)
-    proc = run(*CLI, "num_workers=2", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache")
+    proc = run(*CLI, "num_workers=2", f"hydra.run.dir={tmp_path / 'run'}", cache=cache)
     assert_clear_error(proc, f"ValueError: Image {train_images[2]} ")
     assert EXPECTED[kind] in proc.stderr
 
 
-def test_a_bad_val_image_stops_the_run_before_training_and_leaves_no_run_directory(tmp_path):
-    _, val_images = make_data(tmp_path / "cache")
+def test_a_bad_val_image_stops_the_run_before_training_and_leaves_no_run_directory(tmp_path, cache):
+    _, val_images = write_tiny_data(cache)
     spoil(val_images[1], "truncated")
     run_dir = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
-    proc = run(*CLI, "num_workers=2", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    proc = run(*CLI, "num_workers=2", f"hydra.run.dir={run_dir}", cache=cache)
     assert_clear_error(proc, "ValueError: the data has problems; nothing was trained")
     assert f"{val_images[1]}: not a readable image" in proc.stderr and "dataset.val" in proc.stderr
     assert not (tmp_path / "outputs" / "2026-01-01").exists()  # nothing but Hydra's files was in it
 
 
-def test_bad_images_skip_drops_and_counts_unreadable_images(tmp_path, monkeypatch, caplog):
-    train_images, val_images = make_data(tmp_path / "cache")
+def test_bad_images_skip_drops_and_counts_unreadable_images(tmp_path, cache, caplog):
+    train_images, val_images = write_tiny_data(cache)
     spoil(train_images[1], "truncated")
     spoil(train_images[4], "other_size")
     spoil(val_images[0], "zero_bytes")
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
     cfg = compose_config([*FAST, "schedule.max_iters=6", "bad_images=skip", f"output_dir={tmp_path}"])
     with caplog.at_level("WARNING", logger="fl_rpn.engine.trainer"):
         metrics = train(cfg)  # every train image is loaded: none of the bad ones is
@@ -148,31 +134,25 @@ def test_bad_images_skip_drops_and_counts_unreadable_images(tmp_path, monkeypatc
     assert json.loads((tmp_path / "metrics.json").read_text())["eval/bad_images_skipped"] == 1
 
 
-def test_eval_with_a_bad_val_image_exits_with_its_message(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    _, val_images = make_data(cache)
-    monkeypatch.setenv("FL_RPN_CACHE", str(cache))
+def test_eval_with_a_bad_val_image_exits_with_its_message(tmp_path, cache):
+    _, val_images = write_tiny_data(cache)
     train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
     spoil(val_images[2], "not_an_image")
     proc = run(
-        f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY[:4], "num_workers=2", "eval.batch_size=1",
+        f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY_DATA, "num_workers=2", "eval.batch_size=1",
         f"hydra.run.dir={tmp_path / 'eval'}", cache=cache, module="fl_rpn.eval",
     )  # fmt: skip
     assert_clear_error(proc, f"ValueError: Image {val_images[2]} cannot be decoded")
 
 
-def test_two_processes_exit_when_one_rank_meets_a_bad_image(tmp_path):
+def test_two_processes_exit_when_one_rank_meets_a_bad_image(tmp_path, cache):
     """Under DDP the failing rank exits, and the other one, waiting in a collective, exits too."""
-    from .test_distributed import TINY as DDP_TINY
-    from .test_distributed import launch
-
-    cache = tmp_path / "cache"
-    train_images, _ = make_data(cache)
+    train_images, _ = write_tiny_data(cache)
     spoil(train_images[0], "truncated")
     overrides = [*DDP_TINY, "schedule.max_iters=6", "num_workers=2"]
     rank_overrides = {"0": [f"hydra.run.dir={tmp_path / 'run'}"]}
-    # launch fails on a time-out (180 s): a rank waiting forever
-    codes, outputs, _ = launch(tmp_path, "ddp", cache, overrides, rank_overrides=rank_overrides, check=False)
+    # launch_ddp fails on a time-out (180 s): a rank waiting forever
+    codes, outputs, _ = launch_ddp(tmp_path, "ddp", cache, overrides, rank_overrides=rank_overrides, check=False)
     assert codes[0] != 0 and codes[1] != 0, codes
     assert any(f"Image {train_images[0]} cannot be decoded" in out for out in outputs)
 
@@ -197,41 +177,25 @@ def test_workers_left_running_are_killed_at_exit():
 # --- non-finite numbers ------------------------------------------------------------------------------------------
 
 
-def test_a_nonfinite_loss_with_nonfinite_stop_exits_with_its_message(tmp_path):
-    make_data(tmp_path / "cache")
-    proc = run(*CLI, "num_workers=2", "optim.lr=1e6", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path / "cache")
+def test_a_nonfinite_loss_with_nonfinite_stop_exits_with_its_message(tmp_path, cache):
+    write_tiny_data(cache)
+    proc = run(*CLI, "num_workers=2", "optim.lr=1e6", f"hydra.run.dir={tmp_path / 'run'}", cache=cache)
     assert_clear_error(proc, "NonFiniteLossError: non-finite loss at iteration 2: ")
     assert f"the last good checkpoint is {tmp_path / 'run' / 'last.pt'}" in proc.stderr
 
 
-def test_refusing_to_write_nonfinite_weights_under_nonfinite_skip_exits_with_its_message(tmp_path):
-    make_data(tmp_path / "cache")
+def test_refusing_to_write_nonfinite_weights_under_nonfinite_skip_exits_with_its_message(tmp_path, cache):
+    write_tiny_data(cache)
     run_dir = tmp_path / "run"
-    proc = run(*CLI, "num_workers=2", "nonfinite=skip", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache",
+    proc = run(*CLI, "num_workers=2", "nonfinite=skip", f"hydra.run.dir={run_dir}", cache=cache,
                code=INF_WEIGHT_AT_STEP_2 + RUN_APP)  # fmt: skip
     assert_clear_error(proc, f"ValueError: refusing to write {run_dir / 'last.pt'}: 1 model tensor(s) are not finite")
     assert load_checkpoint(run_dir / "last.pt")["iteration"] == 1
 
 
-def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, monkeypatch):
+def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, cache, inf_weight_after_step):
     """The weights turn infinite between checkpoints: every later loss is NaN, skipping them cannot recover."""
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    real = trainer.build_optimizer
-
-    def build_optimizer(model, *args, **kwargs):
-        optimizer = real(model, *args, **kwargs)
-        steps = []
-
-        def poison(opt, args, kwargs):
-            steps.append(1)
-            if len(steps) == 2:
-                with torch.no_grad():
-                    model.rpn.head.conv[0][0].weight[0, 0, 0, 0] = float("inf")
-
-        optimizer.register_step_post_hook(poison)
-        return optimizer
-
-    monkeypatch.setattr(trainer, "build_optimizer", build_optimizer)
+    inf_weight_after_step(2)
     cfg = compose_config([*FAST, "schedule.max_iters=6", "schedule.checkpoint_every=100", "nonfinite=skip",
                           f"output_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(
@@ -243,9 +207,8 @@ def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, monkeypa
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_nonfinite_skip_stops_after_ten_skipped_steps_in_a_row(tmp_path, monkeypatch):
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    poison_rpn_losses(monkeypatch, at_calls=set(range(1, 100)))
+def test_nonfinite_skip_stops_after_ten_skipped_steps_in_a_row(tmp_path, cache, poison_rpn_losses):
+    poison_rpn_losses(at_calls=set(range(1, 100)))
     cfg = compose_config([*FAST, "schedule.max_iters=20", "nonfinite=skip", f"output_dir={tmp_path}"])
     with pytest.raises(NonFiniteLossError, match=r"at iteration 10: .*10 steps in a row were skipped"):
         train(cfg)
@@ -255,18 +218,18 @@ def test_nonfinite_skip_stops_after_ten_skipped_steps_in_a_row(tmp_path, monkeyp
 # --- a full disk while writing a checkpoint -----------------------------------------------------------------------
 
 
-def test_a_full_disk_on_the_first_checkpoint_exits_naming_the_file(tmp_path):
-    make_data(tmp_path / "cache")
+def test_a_full_disk_on_the_first_checkpoint_exits_naming_the_file(tmp_path, cache):
+    write_tiny_data(cache)
     run_dir = tmp_path / "run"
-    proc = run(*CLI, "num_workers=2", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache", code=FULL_DISK + RUN_APP)
+    proc = run(*CLI, "num_workers=2", f"hydra.run.dir={run_dir}", cache=cache, code=FULL_DISK + RUN_APP)
     assert_clear_error(proc, f"OSError: [Errno 28] cannot write checkpoint {run_dir / 'last.pt'} (No space left")
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".last")) == []
 
 
-def test_a_full_disk_on_resume_exits_naming_the_file_and_train_log_has_the_run(tmp_path):
-    make_data(tmp_path / "cache")
+def test_a_full_disk_on_resume_exits_naming_the_file_and_train_log_has_the_run(tmp_path, cache):
+    write_tiny_data(cache)
     run_dir = tmp_path / "run"
-    first = run(*FAST, "num_workers=2", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    first = run(*FAST, "num_workers=2", f"hydra.run.dir={run_dir}", cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     history = json.loads((run_dir / "history.json").read_text())
@@ -275,7 +238,7 @@ def test_a_full_disk_on_resume_exits_naming_the_file_and_train_log_has_the_run(t
     assert "final metrics:" in log and "train/iterations" in log
 
     proc = run(*FAST, "schedule.max_iters=4", "resume=true", "num_workers=2", f"hydra.run.dir={run_dir}",
-               cache=tmp_path / "cache", code=FULL_DISK + RUN_APP)  # fmt: skip
+               cache=cache, code=FULL_DISK + RUN_APP)  # fmt: skip
     message = f"OSError: [Errno 28] cannot write checkpoint {run_dir / 'last.pt'} (No space left on device)"
     assert_clear_error(proc, message)
     assert message in (run_dir / "train.log").read_text()  # the error text too
@@ -296,17 +259,13 @@ def test_orphaned_temporary_checkpoints_are_removed(tmp_path):
 # --- signals -----------------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_during_training_exits_130(tmp_path):
-    cache = tmp_path / "cache"
-    make_data(cache)
-    env = {**os.environ, "FL_RPN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
+def test_ctrl_c_during_training_exits_130(tmp_path, cache):
+    write_tiny_data(cache)
     overrides = [*FAST, "num_workers=2", "schedule.max_iters=1000", f"hydra.run.dir={tmp_path / 'run'}"]
     # SIGINT back to its default in the child: a pytest started in the background (or by some runners) passes
     # it on ignored, and Python then installs no KeyboardInterrupt handler
-    proc = subprocess.Popen([sys.executable, "-m", "fl_rpn.train", *overrides], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    proc = start_app(*overrides, cache=cache, full_error=False, env={"OMP_NUM_THREADS": "1"}, start_new_session=True,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         while "train:" not in (line := proc.stderr.readline()) or "2/1000" not in line:
             assert line or proc.poll() is None, "exited early"
@@ -321,13 +280,10 @@ def test_ctrl_c_during_training_exits_130(tmp_path):
     assert time.monotonic() - t0 < 30
 
 
-def test_sigterm_logs_the_partial_window(tmp_path, monkeypatch):
+def test_sigterm_logs_the_partial_window(tmp_path, cache, on_model_build):
     """log_every=100 and a SIGTERM after 3 iterations: the 3 steps are in the history of the checkpoint."""
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    real = trainer.build_model
 
-    def build(cfg, num_classes, **kwargs):
-        model = real(cfg, num_classes, **kwargs)
+    def sigterm_at_the_third_step(model):
         calls = []
 
         def hook(module, args, output):
@@ -337,9 +293,8 @@ def test_sigterm_logs_the_partial_window(tmp_path, monkeypatch):
             return output
 
         model.rpn.register_forward_hook(hook)
-        return model
 
-    monkeypatch.setattr(trainer, "build_model", build)
+    on_model_build(sigterm_at_the_third_step)
     cfg = compose_config([*FAST, "schedule.max_iters=50", "schedule.log_every=100", "schedule.checkpoint_every=100",
                           f"output_dir={tmp_path}"])  # fmt: skip
     assert train(cfg) == {"preempted": True, "train/iterations": 3}
@@ -351,12 +306,12 @@ def test_sigterm_logs_the_partial_window(tmp_path, monkeypatch):
 # --- one clear message in every console script --------------------------------------------------------------------
 
 
-def test_a_bad_config_value_is_one_line_and_a_failed_start_leaves_no_folder(tmp_path):
+def test_a_bad_config_value_is_one_line_and_a_failed_start_leaves_no_folder(tmp_path, cache):
     run_dir = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
-    proc = run(*FAST, "rpn.alpha=2", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache")
+    proc = run(*FAST, "rpn.alpha=2", f"hydra.run.dir={run_dir}", cache=cache)
     assert_clear_error(proc, "ValueError: config key rpn.alpha=2: must be a number in [0, 1]")
     assert proc.seconds < TIMEOUT and not (tmp_path / "outputs" / "2026-01-01").exists()
-    full = run(*FAST, "rpn.alpha=2", f"hydra.run.dir={run_dir}", cache=tmp_path / "cache",
+    full = run(*FAST, "rpn.alpha=2", f"hydra.run.dir={run_dir}", cache=cache,
                env={"HYDRA_FULL_ERROR": "1"})  # fmt: skip
     assert full.returncode == 1 and "Traceback" in full.stderr and "config key rpn.alpha=2" in full.stderr
 
@@ -370,9 +325,9 @@ def test_a_bad_config_value_is_one_line_and_a_failed_start_leaves_no_folder(tmp_
         ("fl_rpn.report", ["/nonexistent/multirun"], "fl-rpn-report: "),
     ],
 )
-def test_every_console_script_prints_its_expected_errors_in_one_line(tmp_path, module, args, message):
+def test_every_console_script_prints_its_expected_errors_in_one_line(tmp_path, cache, module, args, message):
     proc = run(*args, f"hydra.run.dir={tmp_path / 'run'}" if module != "fl_rpn.report" else "--out=x",
-               cache=tmp_path / "cache", module=module)  # fmt: skip
+               cache=cache, module=module)  # fmt: skip
     assert_clear_error(proc, message)
 
 

@@ -7,7 +7,6 @@ the CPU (fp16 and NCCL replaced by their CPU stand-ins) to check them before a G
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ from fl_rpn.engine.trainer import train
 from fl_rpn.model import build_model
 from fl_rpn.rpn import FocalLossRPN
 
+from ..conftest import TINY_RECALL, free_port
+
 DEVICE = torch.device(os.environ.get("FL_RPN_TEST_DEVICE", "cuda"))
 pytestmark = [
     pytest.mark.cuda,
@@ -28,14 +29,7 @@ pytestmark = [
 ]
 FORMS = ["sampled", "focal_sigmoid", "focal_softmax", "focal_sigmoid_lr2"]
 AMPS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TINY = [
-    "dataset.train.num_images=6", "dataset.val.num_images=3",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=2", "num_workers=1", "eval.batch_size=2", "eval.evaluators=[proposal_recall]",
-    "schedule.max_iters=3", "schedule.warmup_iters=1", "schedule.steps=[]", "schedule.log_every=1",
-    "schedule.checkpoint_every=100",
-]  # fmt: skip
+RUN = [*TINY_RECALL, "num_workers=1", "schedule.max_iters=3", "schedule.checkpoint_every=100"]
 
 
 def batch(device, n=2, size=(96, 128), seed=0):
@@ -72,7 +66,7 @@ def test_the_trainer_on_cuda(tmp_path, amp):
     """The trainer's own CUDA path: pinned batches, non_blocking copies, autocast, GradScaler, evaluation."""
     if amp == "fp16" and DEVICE.type != "cuda":
         pytest.skip("amp=fp16 is CUDA-only")
-    cfg = compose_config([*TINY, f"device={DEVICE}", f"amp={amp}", "channels_last=true",
+    cfg = compose_config([*RUN, f"device={DEVICE}", f"amp={amp}", "channels_last=true",
                           f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"])  # fmt: skip
     metrics = train(cfg)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -117,16 +111,10 @@ def _two_logit_head():
     return TwoLogitRPNHead(4, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_with_one_process_on_nccl():
     """DDP's gradient all-reduce and FL-RPN's normaliser all-reduce on NCCL (gloo on the CPU), one process."""
     backend = "nccl" if DEVICE.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         cfg = compose_config(["rpn=focal_softmax", "model.detector.min_size=96", "model.detector.max_size=128"])
         torch.manual_seed(0)

@@ -17,13 +17,9 @@ from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.trainer import train
 from fl_rpn.model import apply_speed_options, build_model
 
-TINY = [
-    "dataset.train.num_images=6", "dataset.val.num_images=3",
-    "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]",
-    "model.detector.min_size=96", "model.detector.max_size=128",
-    "batch_size=2", "num_workers=0", "eval.batch_size=2", "eval.evaluators=[]", "device=cpu",
-    "schedule.warmup_iters=1", "schedule.steps=[]", "schedule.log_every=1", "schedule.checkpoint_every=100",
-]  # fmt: skip
+from ..conftest import FAST
+
+RUN = [*FAST, "device=cpu", "schedule.checkpoint_every=100"]  # schedule.max_iters: run()'s iters
 FORMS = ["sampled", "focal_sigmoid", "focal_softmax", "focal_sigmoid_lr2"]
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 # Step-0 tolerances of bf16 vs fp32, relative. bf16 keeps 8 significant bits (rounding 2^-9 = 0.2 % per operand).
@@ -37,20 +33,15 @@ BF16_RTOL = {"loss_objectness": 2e-3, "loss_rpn_box_reg": 2e-3, "loss_classifier
 FP32_RTOL = {"loss_objectness": 1e-4, "loss_rpn_box_reg": 1e-4, "loss_classifier": 1e-2, "loss_box_reg": 1e-2}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")  # the synthetic set, generated once for the module
-
-
 def run(tmp_path, cache, *overrides, iters=1):
-    cfg = compose_config([*TINY, f"cache_dir={cache}", f"schedule.max_iters={iters}", *overrides,
+    cfg = compose_config([*RUN, f"cache_dir={cache}", f"schedule.max_iters={iters}", *overrides,
                           f"output_dir={tmp_path}"])  # fmt: skip
     train(cfg)
     return load_checkpoint(tmp_path / "last.pt")
 
 
 @pytest.fixture
-def recorded(monkeypatch):
+def recorded(monkeypatch, on_model_build):
     """What the model computes inside the real training steps (not the evaluation after them): dtypes of the
     head's output, of the focal loss's input and output, of the RPN's losses and stats, and the layout of the
     first convolution's weight."""
@@ -81,10 +72,7 @@ def recorded(monkeypatch):
         seen["focal_out"].append(out.dtype)
         return out
 
-    real_build = trainer.build_model
-
-    def build_and_record(*args, **kwargs):
-        model = real_build(*args, **kwargs)
+    def record_the_layout(model):
         conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
 
         def on_conv(module, args, out):
@@ -92,11 +80,10 @@ def recorded(monkeypatch):
                 seen["nhwc"].append(module.weight.is_contiguous(memory_format=torch.channels_last))
 
         conv.register_forward_hook(on_conv)
-        return model
 
     monkeypatch.setattr(trainer, "attach_anchor_diagnostics", attach_and_record)
     monkeypatch.setattr(fl_rpn.rpn, "sigmoid_focal_loss", focal)
-    monkeypatch.setattr(trainer, "build_model", build_and_record)
+    on_model_build(record_the_layout)
     return seen
 
 
@@ -105,11 +92,11 @@ def step0(ckpt) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("rpn", FORMS)
-def test_bf16_autocast_trains_every_rpn_form_on_the_cpu(tmp_path, cache, recorded, rpn):
-    fp32 = step0(run(tmp_path / "fp32", cache, f"rpn={rpn}"))
+def test_bf16_autocast_trains_every_rpn_form_on_the_cpu(tmp_path, module_cache, recorded, rpn):
+    fp32 = step0(run(tmp_path / "fp32", module_cache, f"rpn={rpn}"))
     for seen in recorded.values():
         seen.clear()
-    ckpt = run(tmp_path / "bf16", cache, f"rpn={rpn}", "amp=bf16", iters=3)
+    ckpt = run(tmp_path / "bf16", module_cache, f"rpn={rpn}", "amp=bf16", iters=3)
 
     assert [h["iteration"] for h in ckpt["history"]] == [1, 2, 3]
     for h in ckpt["history"]:  # every step's losses are finite
@@ -130,11 +117,11 @@ def test_bf16_autocast_trains_every_rpn_form_on_the_cpu(tmp_path, cache, recorde
         assert "focal_normalizer" in recorded["stats"][0]
 
 
-def test_channels_last_gives_the_losses_of_the_default_layout(tmp_path, cache, recorded):
-    default = run(tmp_path / "nchw", cache, iters=2)
+def test_channels_last_gives_the_losses_of_the_default_layout(tmp_path, module_cache, recorded):
+    default = run(tmp_path / "nchw", module_cache, iters=2)
     assert recorded["nhwc"] == [False, False]
     recorded["nhwc"].clear()
-    nhwc = run(tmp_path / "nhwc", cache, "channels_last=true", iters=2)
+    nhwc = run(tmp_path / "nhwc", module_cache, "channels_last=true", iters=2)
     assert recorded["nhwc"] == [True, True]  # the weights really were in NHWC inside the step
     for before, after in zip(default["history"], nhwc["history"]):
         for k in LOSSES:
@@ -155,9 +142,9 @@ def test_compile_keeps_parameters_and_state_dict_keys():
 
 
 @pytest.mark.skipif(not os.environ.get("FL_RPN_TEST_COMPILE"), reason="FL_RPN_TEST_COMPILE=1: compiling takes minutes")
-def test_compiled_training_gives_the_eager_losses(tmp_path, cache):
-    eager = run(tmp_path / "eager", cache, iters=2)
-    compiled = run(tmp_path / "compiled", cache, "compile=default", iters=2)
+def test_compiled_training_gives_the_eager_losses(tmp_path, module_cache):
+    eager = run(tmp_path / "eager", module_cache, iters=2)
+    compiled = run(tmp_path / "compiled", module_cache, "compile=default", iters=2)
     for before, after in zip(eager["history"], compiled["history"]):
         for k in LOSSES:
             assert after[k] == pytest.approx(before[k], rel=FP32_RTOL[k]), k

@@ -9,6 +9,11 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from fl_rpn import build_model
 from fl_rpn.engine.checkpoint import check_resume_config, model_from_checkpoint, save_checkpoint
 
+from ..conftest import FAST
+
+# FAST on 2 train / 1 val images, one per batch
+TWO_IMAGES = [*FAST, "dataset.train.num_images=2", "dataset.val.num_images=1", "batch_size=1"]
+
 
 def saved_run(cfg, model, class_names):
     return {
@@ -54,7 +59,7 @@ def test_resume_accepts_other_weights_of_the_same_layout_but_not_another_layout(
     assert message.startswith("cannot resume from last.pt")
 
 
-def test_a_pretrained_run_resumes_after_its_weights_file_is_gone(compose_cfg, tmp_path, monkeypatch):
+def test_a_pretrained_run_resumes_after_its_weights_file_is_gone(compose_cfg, tmp_path, cache):
     from torchvision.models import mobilenet_v3_large
 
     from fl_rpn.engine.checkpoint import load_checkpoint
@@ -62,31 +67,18 @@ def test_a_pretrained_run_resumes_after_its_weights_file_is_gone(compose_cfg, tm
 
     weights = tmp_path / "mbv3.pth"
     torch.save(mobilenet_v3_large().state_dict(), weights)
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    tiny = [
-        "model=mbv3_fpn", f"model.backbone_weights={weights}", "model.detector.min_size=96",
-        "model.detector.max_size=128", "dataset.train.num_images=2", "dataset.val.num_images=1",
-        "dataset.train.image_size=[96,128]", "dataset.val.image_size=[96,128]", "batch_size=1", "num_workers=0",
-        "eval.evaluators=[]", "schedule.warmup_iters=1", "schedule.steps=[]", "schedule.checkpoint_every=1",
-        f"output_dir={tmp_path / 'run'}",
-    ]  # fmt: skip
+    tiny = [*TWO_IMAGES, "model=mbv3_fpn", f"model.backbone_weights={weights}", f"output_dir={tmp_path / 'run'}"]
     train(compose_cfg(*tiny, "schedule.max_iters=1"))
     weights.unlink()  # moved, or another machine: the checkpoint holds the weights
     train(compose_cfg(*tiny, "schedule.max_iters=2", "resume=true"))
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
 
 
-def test_a_resumed_run_takes_its_weight_decay_from_its_own_config(compose_cfg, tmp_path, monkeypatch):
+def test_a_resumed_run_takes_its_weight_decay_from_its_own_config(compose_cfg, tmp_path, cache):
     from fl_rpn.engine.checkpoint import load_checkpoint
     from fl_rpn.engine.trainer import train
 
-    monkeypatch.setenv("FL_RPN_CACHE", str(tmp_path / "cache"))
-    tiny = [
-        "rpn=focal_sigmoid_lr2", "model.detector.min_size=96", "model.detector.max_size=128",
-        "dataset.train.num_images=2", "dataset.val.num_images=1", "dataset.train.image_size=[96,128]",
-        "dataset.val.image_size=[96,128]", "batch_size=1", "num_workers=0", "eval.evaluators=[]",
-        "schedule.warmup_iters=1", "schedule.steps=[]", "schedule.checkpoint_every=1", f"output_dir={tmp_path}",
-    ]  # fmt: skip
+    tiny = [*TWO_IMAGES, "rpn=focal_sigmoid_lr2", f"output_dir={tmp_path}"]
     train(compose_cfg(*tiny, "schedule.max_iters=1"))
     train(compose_cfg(*tiny, "schedule.max_iters=2", "resume=true", "optim.weight_decay=0.0003"))
     groups = {g["name"]: g for g in load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]}

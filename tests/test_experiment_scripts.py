@@ -1,0 +1,317 @@
+"""Every script under experiments/ runs with tiny arguments, in a subprocess, and writes what it promises.
+
+The benchmarks run on the CPU with ``--no-write`` (RESULTS.md stays as it is: checked) and, where they have it,
+``--json`` into ``tmp_path``; their JSON is read back, and made into the summary table of ``gpu_check_summary.py`` as
+``gpu_check.sh`` would. ``data_pipeline.py`` and ``prior_init/measure.py`` read a 4-image COCO-format stand-in for
+COCO128; ``stability/run.py`` trains one arm for one iteration; ``gpu_check.sh`` parses, and its ``--device cpu`` dry
+run goes through every step with a stand-in interpreter that records each command instead of running it (the steps'
+scripts are the ones run here). A script added to experiments/ without a test here fails
+``test_every_experiment_script_has_a_smoke_test``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_jpeg
+
+from .conftest import TINY, run_app
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+BENCH = EXPERIMENTS / "benchmarks"
+TIMEOUT = 300  # seconds; each script takes 5-25 s on a busy 2-core machine
+# what each test runs (``_common.py`` is the benchmarks' shared module, not a script)
+SCRIPTS = {
+    "benchmarks/rpn_loss.py", "benchmarks/train_step.py", "benchmarks/gpu_throughput.py", "benchmarks/sync_count.py",
+    "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
+    "benchmarks/gpu_check.sh", "prior_init/measure.py", "stability/run.py",
+}  # fmt: skip
+# files the scripts write by default: --no-write, --results and $OUT keep them as they are
+DEFAULT_OUTPUTS = [BENCH / "RESULTS.md", EXPERIMENTS / "stability" / "results.json"]
+
+
+def test_every_experiment_script_has_a_smoke_test():
+    found = {p.relative_to(EXPERIMENTS).as_posix() for p in [*EXPERIMENTS.rglob("*.py"), *EXPERIMENTS.rglob("*.sh")]}
+    assert found - {"benchmarks/_common.py"} == SCRIPTS
+
+
+@pytest.fixture(autouse=True)
+def _leaves_the_checked_in_results_alone():
+    before = {p: p.read_bytes() for p in DEFAULT_OUTPUTS}
+    yield
+    assert {p: p.read_bytes() for p in DEFAULT_OUTPUTS} == before
+
+
+def run_script(script: Path, *args: str, cache: Path, cwd: Path, env: dict[str, str] | None = None):
+    """``python script *args`` from ``cwd``, on one thread, with this checkout first on PYTHONPATH (as gpu_check.sh
+    runs them); a non-zero exit fails the test."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
+    return run_app(*args, script=script, cache=cache, cwd=cwd, env=env, timeout=TIMEOUT)
+
+
+def summary_rows(out: Path, tmp_path: Path, tiny: bool = True) -> list[list[str]]:
+    """The check rows (``| check | result | target | verdict |``) of gpu_check_summary.py for the JSON files in
+    ``out`` (without the row of the pytest report, which there is none of here)."""
+    proc = subprocess.run(
+        [sys.executable, BENCH / "gpu_check_summary.py", out, tmp_path / "no-steps", tmp_path / "no.xml",
+         "--tiny", "1" if tiny else "0"], capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    table = proc.stdout.split("| check | result | target | verdict |\n|---|---|---|---|\n")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
+    assert rows[0] == ["(a) pytest -m cuda", "no report", "all pass", "MISSED"]
+    return rows[1:]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+# -- benchmarks/ with --json ---------------------------------------------------------------------------------------
+def test_rpn_loss(tmp_path, cache):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--anchors", "2000,4000", "--rounds", "1", "--min-sample-ms", "1", "--no-write"]
+    run_script(BENCH / "rpn_loss.py", *args, "--json", str(out / "rpn_loss.json"), cache=cache, cwd=tmp_path)
+    numbers = json.loads((out / "rpn_loss.json").read_text())
+    arms = {"sampled", "sampled+diag", "focal_sigmoid", "focal_softmax"}
+    for key in ("median_ms", "ms_per_million_anchors"):
+        assert set(numbers[key]) == {"2000", "4000"}
+        assert all(set(by_arm) == arms and all(map(positive, by_arm.values())) for by_arm in numbers[key].values())
+    assert "rpn_loss.py --anchors 2000,4000" in numbers["command"] and numbers["commit"]
+    rows = summary_rows(out, tmp_path)
+    assert [r[0] for r in rows] == [f"(b) RPN loss {arm}, {n} anchors" for n in ("2,000", "4,000")
+                                    for arm in ("focal_sigmoid", "focal_softmax")]  # fmt: skip
+    assert {r[3] for r in rows} == {"dry run"}
+
+
+def test_train_step(tmp_path, cache):
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--model", "tiny_fpn", "--size", "96,128", "--batch", "1", "--rounds", "1", "--warmup", "0", "--no-write"]
+    run_script(BENCH / "train_step.py", *args, "--json", str(out / "train_step.json"), cache=cache, cwd=tmp_path)
+    numbers = json.loads((out / "train_step.json").read_text())
+    assert (numbers["model"], numbers["size"], numbers["batch"], numbers["base"]) == (
+        "tiny_fpn",
+        [96, 128],
+        1,
+        "sampled",
+    )
+    forms = {"sampled", "focal_sigmoid", "focal_softmax"}
+    assert set(numbers["median_ms"]) == set(numbers["peak_memory_bytes"]) == set(numbers["memory_ratio"]) == forms
+    assert all(map(positive, [*numbers["median_ms"].values(), *numbers["peak_memory_bytes"].values()]))
+    assert set(numbers["time_ratio_paired"]) == forms - {"sampled"} and numbers["memory_ratio"]["sampled"] == 1.0
+    rows = summary_rows(out, tmp_path)
+    assert [r[0] for r in rows] == [
+        "(c) step time focal_sigmoid / sampled, tiny_fpn 96x128 batch 1",
+        "(c) step peak memory focal_sigmoid / sampled",
+        "(c) step time focal_softmax / sampled, tiny_fpn 96x128 batch 1",
+        "(c) step peak memory focal_softmax / sampled",
+    ]  # fmt: skip
+
+
+def test_gpu_throughput_on_the_cpu(tmp_path, cache):
+    """The documented CPU check of the script (it never writes RESULTS.md there): a fixed-batch arm and the arm fed by
+    the real loader from the synthetic set, one step each."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--device", "cpu", "--model", "tiny_fpn", "--size", "96,128", "--batch", "1", "--steps", "1", "--rounds",
+            "1", "--warmup", "0", "--workers", "0", "--loader-steps", "2", "--data-images", "2", "--arms", "bf16+cl",
+            "--no-write"]  # fmt: skip
+    run_script(BENCH / "gpu_throughput.py", *args, "--json", str(out / "throughput.json"), cache=cache, cwd=tmp_path)
+    numbers = json.loads((out / "throughput.json").read_text())
+    arm, loader = "bf16, channels_last on", "bf16, channels_last on, loader (0 workers)"
+    assert set(numbers["images_per_second"]) == set(numbers["peak_memory_bytes"]) == {arm, loader}
+    assert all(map(positive, numbers["images_per_second"].values())) and numbers["base"] == arm
+    assert numbers["data"] == "synthetic" and numbers["loader_wait_ms"] >= 0
+    assert list(cache.glob("synthetic-*/train")), "the loader arm read no synthetic set from FL_RPN_CACHE"
+    rows = summary_rows(out, tmp_path)
+    assert [r[0] for r in rows] == [f"(d) tiny_fpn images/s, {arm}", f"(d) tiny_fpn images/s, {loader}",
+                                    "(d) loader: wait per step after the first"]  # fmt: skip
+
+
+def test_sync_count_on_the_cpu(tmp_path, cache):
+    """On the CPU nothing is counted (the sync debug mode is CUDA's): the script runs every form's step."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--device", "cpu", "--model", "tiny_fpn", "--size", "96,128", "--batch", "1"]
+    proc = run_script(BENCH / "sync_count.py", *args, "--json", str(out / "syncs.json"), cache=cache, cwd=tmp_path)
+    numbers = json.loads((out / "syncs.json").read_text())
+    assert numbers["syncs"] == {form: {"total": 0, "by_owner": {}, "by_line": {}}
+                                for form in ("sampled", "focal_sigmoid", "focal_softmax")}  # fmt: skip
+    assert "nothing is counted here" in proc.stdout
+    rows = summary_rows(out, tmp_path)
+    assert [r[0] for r in rows] == [
+        f"host syncs in one step, {f}" for f in ("sampled", "focal_sigmoid", "focal_softmax")
+    ]
+
+
+# -- benchmarks/ that print ----------------------------------------------------------------------------------------
+def test_evaluation_backends_agree(tmp_path, cache):
+    args = ["--images", "20", "--detections", "5", "--rounds", "2", "--no-write"]
+    proc = run_script(BENCH / "evaluation.py", *args, cache=cache, cwd=tmp_path)
+    assert "Identical to 1e-12: **yes**" in proc.stdout
+    assert "every repeated call gave the same numbers: yes" in proc.stdout
+    assert proc.stdout.count("round 1 ") == 2  # both backends, the second round in the other order
+
+
+def write_coco128_stand_in(root: Path) -> Path:
+    """``root/coco128``: 4 random JPEGs of two shapes in train2017/ and their COCO json (2 classes, a box each), the
+    layout of the coco128 dataset config's train split."""
+    images = root / "coco128" / "train2017"
+    images.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    records, boxes = [], []
+    for i, (h, w) in enumerate([(96, 128), (128, 96), (96, 128), (128, 96)], 1):
+        write_jpeg((torch.rand(3, h, w, generator=g) * 255).to(torch.uint8), str(images / f"{i:012d}.jpg"))
+        records.append({"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h})
+        boxes.append({"id": i, "image_id": i, "category_id": 1 + i % 2, "bbox": [10, 10, 40, 30], "area": 1200.0,
+                      "iscrowd": 0})  # fmt: skip
+    categories = [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}]
+    (root / "coco128" / "annotations").mkdir()
+    annotations = {"images": records, "annotations": boxes, "categories": categories}
+    (root / "coco128" / "annotations" / "instances_train2017.json").write_text(json.dumps(annotations))
+    return root
+
+
+def test_data_pipeline(tmp_path, cache):
+    """The loader arms (0 and 1 worker: the worker is shut down and the script exits) and the model arm."""
+    data = write_coco128_stand_in(tmp_path / "data")
+    args = ["--data-root", str(data), "--workers", "0,1", "--batch", "2", "--rounds", "1", "--model-steps", "1",
+            "--no-r50-estimate", "--no-write"]  # fmt: skip
+    proc = run_script(BENCH / "data_pipeline.py", *args, cache=cache, cwd=tmp_path)
+    assert "; 4 images" in proc.stdout
+    rates = dict(line.rsplit(": ", 1) for line in proc.stdout.splitlines() if line.endswith(" images/s"))
+    assert set(rates) == {"loader, 0 workers", "loader, 1 workers", "tiny_fpn train step"}
+    assert all(positive(float(r.split()[0])) for r in rates.values())
+
+
+# -- the other studies ---------------------------------------------------------------------------------------------
+def test_prior_init_measure(tmp_path, cache):
+    """The prior-probability init starts every anchor at object probability 0.01 and a far smaller loss than the
+    plain init (probability 1/2)."""
+    data = write_coco128_stand_in(tmp_path / "data")
+    proc = run_script(EXPERIMENTS / "prior_init" / "measure.py", "--model", "tiny_fpn", "--images", "2", cache=cache,
+                      cwd=tmp_path, env={"FL_RPN_DATA": str(data)})  # fmt: skip
+    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines() if line.startswith("| sigmoid")
+            or line.startswith("| softmax")]  # fmt: skip
+    table = {(form.strip(), prior.strip()): (float(loss), float(p)) for form, prior, loss, p in rows}
+    assert set(table) == {(f, p) for f in ("sigmoid", "softmax") for p in ("0.01", "null")}
+    for form in ("sigmoid", "softmax"):
+        (with_prior, p_prior), (without, p_plain) = table[form, "0.01"], table[form, "null"]
+        assert p_prior == pytest.approx(0.01, abs=1e-4) and p_plain == pytest.approx(0.5, abs=0.05)
+        assert 0 < with_prior < without / 10
+
+
+def test_stability_run(tmp_path, cache):
+    """One arm for one iteration: its summary says finite, at the requested iteration."""
+    out, results = tmp_path / "out", tmp_path / "results.json"
+    tiny = [o for o in TINY if not o.startswith("schedule.max_iters=")]  # --iters sets them
+    tiny += ["dataset.train.num_images=2", "dataset.val.num_images=1"]
+    args = ["--iters", "1", "--arms", "focal_softmax", "--out", str(out), "--results", str(results), *tiny]
+    run_script(EXPERIMENTS / "stability" / "run.py", *args, cache=cache, cwd=tmp_path)
+    arm = json.loads(results.read_text())["arms"]["focal_softmax"]
+    assert arm["returncode"] == 0 and arm["finite"] is True and arm["iteration"] == arm["requested_iterations"] == 1
+    assert arm["nonfinite_weights"] == [] and arm["nonfinite_scalars"] == [] and arm["tb_nonfinite"] == []
+    assert arm["logged_points"] == 1 and positive(arm["loss_first"]) and (out / "focal_softmax" / "last.pt").is_file()
+
+
+# -- gpu_check.sh and its summary ------------------------------------------------------------------------------------
+def test_gpu_check_summary_judges_each_target(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {
+        "syncs.json": {"syncs": {"sampled": {"total": 3, "by_owner": {"torch": 3}},
+                                 "focal_softmax": {"total": 4, "by_owner": {"fl_rpn": 2, "torch": 2}}}},
+        "rpn_loss.json": {"ms_per_million_anchors": {"1000000": {"focal_sigmoid": 0.5, "focal_softmax": 1.5}}},
+        "train_step.json": {"model": "r50_fpn", "size": [800, 1333], "batch": 8, "base": "sampled",
+                            "time_ratio_paired": {"focal_softmax": 1.01}, "memory_ratio": {"focal_softmax": 1.1}},
+        "throughput.json": {"model": "r50_fpn", "images_per_second": {"bf16": 45.0, "fp32": 20.0},
+                            "loader_wait_ms": 0.5},
+        "demo_metrics.json": {"provenance": {"hardware": "GPU X"}, "bbox/AP": 0.7, "train/iterations": 600,
+                              "train/images_per_second": 100.0},
+    }  # fmt: skip
+    for name, content in files.items():
+        (out / name).write_text(json.dumps(content))
+    steps = tmp_path / "steps.txt"
+    steps.write_text("pytest 0 20\nrpn_loss 0 9\ntrain_step 124 75\nthroughput_compile skipped 0\n")
+    xml = tmp_path / "pytest.xml"
+    xml.write_text('<testsuites><testsuite tests="5" failures="0" errors="0" skipped="1"/></testsuites>')
+
+    def summary(tiny):
+        command = [sys.executable, BENCH / "gpu_check_summary.py", out, steps, xml, "--tiny", tiny]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    text = summary("0")
+    for row in ["| pytest | ok | 20 |", "| train_step | FAILED (exit 124) | 75 |",
+                "| throughput_compile | skipped (budget) | 0 |",
+                "| (a) pytest -m cuda | 4 passed, 0 failed, 1 skipped | all pass | met |",
+                "| host syncs in one step, sampled | 3 ({'torch': 3}) | fl_rpn <= 1 | met |",
+                "| host syncs in one step, focal_softmax | 4 ({'fl_rpn': 2, 'torch': 2}) | fl_rpn <= 1 | MISSED |",
+                "| (b) RPN loss focal_sigmoid, 1,000,000 anchors | 0.500 ms per 1M anchors | < 1 | met |",
+                "| (b) RPN loss focal_softmax, 1,000,000 anchors | 1.500 ms per 1M anchors | < 1 | MISSED |",
+                "| (c) step time focal_softmax / sampled, r50_fpn 800x1333 batch 8 | 1.010x | <= 1.02x | met |",
+                "| (c) step peak memory focal_softmax / sampled | 1.100x | <= 1.05x | MISSED |",
+                "| (d) r50_fpn images/s, bf16 | 45.0 | >= 40 | met |",
+                "| (d) r50_fpn images/s, fp32 | 20.0 | >= 40 | MISSED |",
+                "| (d) loader: wait per step after the first | 0.5 ms | ~0 | see log |",
+                "| (e) demo on GPU X: bbox/AP | 0.700 | CPU run 0.678 | compare |",
+                "| (e) demo on GPU X: bbox/AP50 | nan | CPU run 0.847 | compare |",
+                "| (e) demo: iterations, images/s | 600, 100.0 | CPU run 600, 16.6 | compare |"]:  # fmt: skip
+        assert row in text, row
+    dry = summary("1")
+    assert dry.startswith("## gpu_check summary (dry run at tiny sizes: targets not judged)")
+    assert "| (b) RPN loss focal_softmax, 1,000,000 anchors | 1.500 ms per 1M anchors | < 1 | dry run |" in dry
+    assert "| (a) pytest -m cuda | 4 passed, 0 failed, 1 skipped | all pass | met |" in dry  # judged even then
+
+
+GPU_CHECK = BENCH / "gpu_check.sh"
+# gpu_check.sh's $PYTHON: records each command; runs the summary (standard library only) for real
+STAND_IN = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STAND_IN_LOG"
+case "$*" in *gpu_check_summary.py*) exec "$REAL_PYTHON" "$@" ;; esac
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_check_sh_parses_and_its_cpu_dry_run_wires_every_step(tmp_path):
+    assert subprocess.run(["bash", "-n", GPU_CHECK], capture_output=True, timeout=30).returncode == 0
+    usage = subprocess.run(["bash", GPU_CHECK, "--help"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 0 and "--device cpu" in usage.stdout and "set -uo" not in usage.stdout
+    wrong = subprocess.run(["bash", GPU_CHECK, "--gpu"], capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 2 and "unknown argument --gpu" in wrong.stderr
+
+    stand_in, log, out = tmp_path / "python", tmp_path / "commands.txt", tmp_path / "out"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stand_in), "STAND_IN_LOG": str(log), "REAL_PYTHON": sys.executable,
+           "OUT": str(out)}  # fmt: skip
+    proc = subprocess.run(["bash", GPU_CHECK, "--device", "cpu"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    commands = log.read_text().splitlines()
+    steps = {"pytest": "-m pytest -q -m cuda ", "syncs": "sync_count.py", "rpn_loss": "rpn_loss.py",
+             "train_step": "train_step.py", "throughput": "--arms fp32,bf16,bf16+cl", "demo": "-m fl_rpn.train",
+             "throughput_compile": "--arms bf16+cl+compile", "summary": "gpu_check_summary.py"}  # fmt: skip
+    ran = [next(name for name, key in steps.items() if key in c) for c in commands if not c.startswith("-c ")]
+    assert ran == list(steps)  # every step, in order, after the version line (-c)
+    for command in commands:
+        for word in command.split():
+            if word.endswith((".py", ".sh")):
+                assert (ROOT / word).is_file(), f"gpu_check.sh runs {word}, which does not exist"
+        if "benchmarks/" in command and "summary" not in command:
+            assert "--device cpu" in command and ("--model tiny_fpn" in command or "rpn_loss.py" in command), command
+    demo = next(c for c in commands if "-m fl_rpn.train" in c)
+    assert "device=cpu" in demo and "schedule.max_iters=4" in demo and "model.detector.min_size=96" in demo
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("## gpu_check summary (dry run at tiny sizes: targets not judged)")
+    assert all(f"| {name} | ok |" in summary for name in steps if name != "summary")
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "summary.md"]  # the stand-in wrote no JSON
