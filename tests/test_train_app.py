@@ -19,6 +19,7 @@ from fl_rpn.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from fl_rpn.engine.evaluate import predict
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.trainer import train
+from fl_rpn.events import current_storage
 from fl_rpn.model import build_model
 from fl_rpn.predict import predict_images
 
@@ -138,7 +139,7 @@ def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, monk
 
         def record(module, args, output):
             if module.training:
-                steps.append({k: v.item() for k, v in module.stats.items()})
+                steps.append({k.removeprefix("rpn/"): v.item() for k, v in current_storage().scalars().items()})
 
         model.rpn.register_forward_hook(record)
         return model
