@@ -8,7 +8,7 @@ reads the top-level ``conf/`` directly.
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -31,3 +31,11 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
     """The composed root config with command-line style ``overrides`` (``["rpn=focal_sigmoid", ...]``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name, overrides=list(overrides))
+
+
+def base_values(name: str) -> dict:
+    """The keys of ``conf/_base/<name>.yaml``, a base that options include, as written there (its own defaults list
+    is not composed). ``fl_rpn.rpn`` takes the focal RPN's keyword defaults from ``base_values("focal")``."""
+    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "_base" / f"{name}.yaml"))
+    values.pop("defaults", None)
+    return values

@@ -1,9 +1,10 @@
 """Imbalance diagnostics of an RPN step, the same for the sampled baseline and FL-RPN.
 
-Per step (device tensors; read them only when logging): positive and negative anchors per image
-(labels 1 / 0, before any sampling), anchors that received a loss per image, the focal normaliser
-(FL-RPN only) and the share of the objectness loss carried by easy negatives (``p_t > 0.9``, i.e.
-object probability < 0.1).
+Per step, put into the current ``EventStorage`` (``fl_rpn.events``) as ``rpn/<name>``, device tensors (read them
+only when logging): positive and negative anchors per image (labels 1 / 0, before any sampling), anchors that
+received a loss per image, the focal normaliser (FL-RPN only) and the share of the objectness loss carried by easy
+negatives (``p_t > 0.9``, i.e. object probability < 0.1). ``FocalLossRPN`` puts its own; a sampled RPN is observed
+from outside (``attach_anchor_diagnostics``, which the trainer calls). Without an open storage nothing is computed.
 
 Under DDP every rank logs the same global values: the easy-negative share is the ratio of the loss sums over
 all ranks (one small all_reduce), not a mean of per-rank ratios, and the focal normaliser is the global count.
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
+
+from .events import current_storage
 
 EASY_LOGIT = -math.log(9.0)  # sigmoid(EASY_LOGIT) = 0.1: a negative below it has p_t > 0.9
 
@@ -59,50 +62,68 @@ def anchor_statistics(
     }
 
 
-class _RecordingSampler:
-    """Calls the RPN's own sampler and remembers which anchors it picked (no extra random draws)."""
+class _SampledAnchorStatistics:
+    """Stands in for a sampled RPN's ``fg_bg_sampler``: calls the RPN's own sampler (no extra random draws) and
+    puts ``anchor_statistics`` of the anchors it picked into the current ``EventStorage``.
 
-    def __init__(self, sampler) -> None:
-        self.sampler = sampler
-        self.last: tuple[list[Tensor], list[Tensor]] | None = None
+    The objectness of those anchors comes from a forward hook on ``rpn.head``, which keeps its ``[N, A, Hi, Wi]``
+    maps (per level) when a storage is open; torchvision's ``forward`` calls the head before ``compute_loss`` calls
+    the sampler, which flattens them in ``concat_box_prediction_layers``'s anchor order. Any other attribute
+    (``batch_size_per_image``, ``positive_fraction``) is the sampler's.
+    """
+
+    def __init__(self, rpn: RegionProposalNetwork) -> None:
+        self.sampler = rpn.fg_bg_sampler
+        self.objectness: list[Tensor] | None = None
+        self.last: tuple[list[Tensor], list[Tensor]] | None = None  # the latest pick (per image [R_n] masks)
+        rpn.head.register_forward_hook(self._keep_objectness)
 
     def __getattr__(self, name):
+        if name == "sampler":  # not set yet (copy / unpickle): no recursion
+            raise AttributeError(name)
         return getattr(self.sampler, name)
 
-    def __call__(self, labels: list[Tensor]):
+    def _keep_objectness(self, head, args, output) -> None:
+        keep = head.training and current_storage() is not None
+        self.objectness = [o.detach() for o in output[0]] if keep else None
+
+    def __call__(self, labels: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         self.last = self.sampler(labels)
+        storage, objectness = current_storage(), self.objectness
+        self.objectness = None
+        if storage is not None and objectness is not None:
+            storage.put_scalars(self._statistics(objectness, labels, *self.last), prefix="rpn/")
         return self.last
 
-
-def attach_anchor_diagnostics(rpn: RegionProposalNetwork) -> None:
-    """Give a torchvision ``RegionProposalNetwork`` the ``stats`` that ``FocalLossRPN`` records itself.
-
-    The class is left untouched: the instance's sampler is observed and its ``compute_loss`` wrapped.
-    """
-    if hasattr(rpn, "stats"):
-        return
-    recorder = _RecordingSampler(rpn.fg_bg_sampler)
-    rpn.fg_bg_sampler = recorder
-    compute_loss = rpn.compute_loss
-    rpn.stats = {}
-
-    def observed_compute_loss(objectness, pred_bbox_deltas, labels, regression_targets):
-        losses = compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
-        pos, neg = recorder.last
+    def _statistics(
+        self, objectness: list[Tensor], labels: list[Tensor], pos: list[Tensor], neg: list[Tensor]
+    ) -> dict[str, Tensor]:
+        # [R]: image-major, then level, location and anchor, the order of compute_loss's objectness
+        flat = torch.cat([o.permute(0, 2, 3, 1).reshape(o.shape[0], -1) for o in objectness], dim=1).reshape(-1)
         sampled = torch.cat(pos).bool() | torch.cat(neg).bool()  # at most batch_size_per_image per image
         # Their indices without a host sync (torch.where would wait for the count): a fixed-size index list,
         # padded with index 0 past the real ones, which ``real`` masks out.
-        size = min(recorder.batch_size_per_image * len(labels), sampled.numel())
+        size = min(self.sampler.batch_size_per_image * len(labels), sampled.numel())
         trained = torch.nonzero_static(sampled, size=size, fill_value=0).squeeze(1)
         num_trained = sampled.count_nonzero()
         real = torch.arange(size, device=sampled.device) < num_trained
         flat_labels = torch.cat(labels)
-        logit, label = objectness.detach().flatten()[trained], flat_labels[trained]
+        logit, label = flat[trained], flat_labels[trained]
         bce = F.binary_cross_entropy_with_logits(logit, label.clamp(min=0), reduction="none") * real
-        rpn.stats = anchor_statistics(
+        return anchor_statistics(
             logit, (label == 0) & real, bce, num_positive=(flat_labels == 1).count_nonzero(),
             num_negative=(flat_labels == 0).count_nonzero(), num_images=len(labels), num_trained=num_trained,
         )  # fmt: skip
-        return losses
 
-    rpn.compute_loss = observed_compute_loss
+
+def attach_anchor_diagnostics(rpn: RegionProposalNetwork) -> None:
+    """Have a sampled RPN (torchvision's, or a subclass with its ``forward`` whose loss calls ``fg_bg_sampler``)
+    put the statistics that ``FocalLossRPN`` puts itself, inside an open ``EventStorage``.
+
+    Its class and ``compute_loss`` stay as they are: the sampler is wrapped and the head observed by a forward hook
+    (``_SampledAnchorStatistics``). An RPN without a sampler (``FocalLossRPN``) is left alone, as is one already
+    observed.
+    """
+    if rpn.fg_bg_sampler is None or isinstance(rpn.fg_bg_sampler, _SampledAnchorStatistics):
+        return
+    rpn.fg_bg_sampler = _SampledAnchorStatistics(rpn)

@@ -1,4 +1,4 @@
-"""``build_model(cfg)``: the only code that knows FasterRCNN's constructor and swaps ``model.rpn``.
+"""``build_model(cfg)``: the only code that knows FasterRCNN's constructor; ``model.rpn`` is its RPN variant's.
 
 Config groups read here (see ``conf/model`` and ``conf/rpn``):
     ``model.name``: ``r50_fpn`` (torchvision's fasterrcnn_resnet50_fpn layout), ``mbv3_fpn``
@@ -6,11 +6,13 @@ Config groups read here (see ``conf/model`` and ``conf/rpn``):
     ``model.backbone_weights``: null | a torchvision weights name | a local file path.
     ``channels_last`` / ``compile`` (root keys): applied by ``apply_speed_options`` where the trainer builds the model.
     ``model.detector``: keyword arguments of ``FasterRCNN`` (min_size, box_* ...), passed verbatim.
-    ``rpn.loss``: ``sampled`` keeps torchvision's ``RegionProposalNetwork`` untouched; ``focal`` swaps in
-    ``FocalLossRPN`` with ``rpn.form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob``.
-    ``rpn.box_normalizer``: ``positives`` (1 / 2 N_pos; with ``sampled`` loss: ``BoxPositivesRPN``) or ``sampled``
-    (1 / batch_size_per_image N; with ``focal`` loss: ``rpn.batch_size_per_image``, default 256).
-    The other ``rpn.*`` keys are FasterRCNN's ``rpn_*`` arguments.
+    ``rpn.*``: the shared keys (``conf/_base/rpn.yaml``) are FasterRCNN's ``rpn_*`` arguments
+    (``fl_rpn.rpn_registry.RPN_DETECTOR_KEYS``); ``rpn.loss`` names the variant's builder in
+    ``fl_rpn.rpn_registry``, which reads and checks the other keys and replaces ``model.rpn``: ``sampled``
+    (``batch_size_per_image`` / ``positive_fraction`` / ``box_normalizer``: torchvision's ``RegionProposalNetwork``
+    untouched for ``sampled``, ``BoxPositivesRPN`` for ``positives``) or ``focal`` (``FocalLossRPN`` with
+    ``form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob`` / ``box_normalizer``, and for the
+    ``sampled`` box normaliser the optional ``batch_size_per_image``, default 256).
 """
 
 from collections import OrderedDict
@@ -33,16 +35,9 @@ from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .errors import WeightsUnavailableError
-from .rpn import use_box_positives, use_focal_rpn
+from .rpn_registry import RPN_DETECTOR_KEYS, build_rpn, check_rpn_config
 
 __all__ = ["build_model", "build_backbone", "apply_speed_options", "TinyBackbone", "RPN_DETECTOR_KEYS", "COMPILE_MODES"]
-
-# rpn.<key> -> FasterRCNN(rpn_<key>=...)
-RPN_DETECTOR_KEYS = (
-    "pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test",
-    "nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "score_thresh",
-)  # fmt: skip
-FOCAL_KEYS = ("form", "loss_weight", "alpha", "gamma", "prior_prob")
 
 
 class TinyBackbone(nn.Sequential):
@@ -178,13 +173,9 @@ def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: boo
             nothing is downloaded or read.
     """
     model_cfg, rpn_cfg = cfg.model, cfg.rpn
+    check_rpn_config(rpn_cfg)  # before anything is built
     detector_kwargs = OmegaConf.to_container(model_cfg.detector, resolve=True)
     detector_kwargs.update({f"rpn_{k}": rpn_cfg[k] for k in RPN_DETECTOR_KEYS})
-    if rpn_cfg.loss == "sampled":
-        detector_kwargs["rpn_batch_size_per_image"] = rpn_cfg.batch_size_per_image
-        detector_kwargs["rpn_positive_fraction"] = rpn_cfg.positive_fraction
-    elif rpn_cfg.loss != "focal":
-        raise ValueError(f"rpn.loss must be 'sampled' or 'focal', got {rpn_cfg.loss!r}")
     if model_cfg.get("anchor_sizes") is not None:
         sizes = tuple(tuple(s) for s in model_cfg.anchor_sizes)
         detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, (tuple(model_cfg.aspect_ratios),) * len(sizes))
@@ -196,15 +187,7 @@ def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: boo
         model = FasterRCNN(backbone, **detector_kwargs)
     else:
         model = FasterRCNN(backbone, num_classes=num_classes + 1, **detector_kwargs)
-    # rpn.box_normalizer: positives (1 / 2 N_pos) | sampled (1 / batch_size_per_image N); each loss's own by default
-    box_normalizer = rpn_cfg.get("box_normalizer") or ("sampled" if rpn_cfg.loss == "sampled" else "positives")
-    if rpn_cfg.loss == "focal":
-        use_focal_rpn(
-            model, **{k: rpn_cfg[k] for k in FOCAL_KEYS}, score_thresh=rpn_cfg.score_thresh,
-            box_normalizer=box_normalizer, batch_size_per_image=rpn_cfg.get("batch_size_per_image") or 256,
-        )  # fmt: skip
-    elif box_normalizer == "positives":  # rpn=sampled (box_normalizer sampled) stays torchvision's own RPN
-        use_box_positives(model)
+    build_rpn(model, rpn_cfg)  # the rpn.loss variant replaces the RPN FasterRCNN built from the shared keys
     return model
 
 

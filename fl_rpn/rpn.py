@@ -9,6 +9,9 @@ The box term's normaliser is ``box_normalizer`` (config ``rpn.box_normalizer``),
 the number of anchors torchvision's sampled RPN draws (its default). ``BoxPositivesRPN`` is torchvision's sampled
 RPN with the ``positives`` box normaliser, so that either loss can be paired with either box weight.
 
+The keyword defaults of ``FocalLossRPN`` and ``use_focal_rpn`` (form, loss_weight, alpha, gamma, prior_prob,
+box_normalizer) are read from ``conf/_base/focal.yaml``, the one place they are written (``FOCAL_DEFAULTS``).
+
 Shapes: ``N`` images, ``A`` anchors per location, ``Hi x Wi`` the feature map of level ``i``,
 ``R`` = sum over images and levels of ``A * Hi * Wi`` (all anchors of the batch), ``C`` objectness
 logits per anchor (1 for the sigmoid form, 2 for the softmax form: background, object).
@@ -29,18 +32,22 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
+from .config import base_values
 from .diagnostics import anchor_statistics
+from .events import current_storage
 from .losses import sigmoid_focal_loss
 
 __all__ = [
-    "FocalLossRPN", "BoxPositivesRPN", "TwoLogitRPNHead", "use_focal_rpn", "use_box_positives", "init_objectness_prior",
-    "FORMS", "BOX_NORMALIZERS",
+    "FocalLossRPN", "BoxPositivesRPN", "TwoLogitRPNHead", "use_focal_rpn", "use_sampled_rpn", "init_objectness_prior",
+    "FORMS", "BOX_NORMALIZERS", "FOCAL_DEFAULTS",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
 BOX_NORMALIZERS = ("positives", "sampled")  # 1 / (2 N_pos) | 1 / (batch_size_per_image * N)
+TORCHVISION_SAMPLE_SIZE = 256  # torchvision's rpn_batch_size_per_image: the focal "sampled" box normaliser's default
+FOCAL_DEFAULTS = base_values("focal")  # conf/_base/focal.yaml
 
 
 def global_count_normalizer(count: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,6 +112,8 @@ class FocalLossRPN(RegionProposalNetwork):
             batch (the paper); ``"sampled"``: / (``batch_size_per_image`` x N images), what torchvision's sampled
             RPN divides by when every image has enough anchors to fill its sample (``batch_size_per_image``
             default 256).
+
+    The keyword defaults are ``FOCAL_DEFAULTS`` (``conf/_base/focal.yaml``).
     """
 
     def __init__(
@@ -120,12 +129,12 @@ class FocalLossRPN(RegionProposalNetwork):
         batch_size_per_image: int | None = None,
         positive_fraction: float | None = None,
         *,
-        form: str = "softmax",
-        loss_weight: float = 0.1,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
-        prior_prob: float | None = 0.01,
-        box_normalizer: str = "positives",
+        form: str = FOCAL_DEFAULTS["form"],
+        loss_weight: float = FOCAL_DEFAULTS["loss_weight"],
+        alpha: float = FOCAL_DEFAULTS["alpha"],
+        gamma: float = FOCAL_DEFAULTS["gamma"],
+        prior_prob: float | None = FOCAL_DEFAULTS["prior_prob"],
+        box_normalizer: str = FOCAL_DEFAULTS["box_normalizer"],
     ) -> None:
         super().__init__(
             anchor_generator, head, fg_iou_thresh, bg_iou_thresh, 256, 0.5,
@@ -154,10 +163,9 @@ class FocalLossRPN(RegionProposalNetwork):
         self.alpha = alpha
         self.gamma = gamma
         self.box_normalizer = box_normalizer
-        self.box_sample_size = 256 if batch_size_per_image is None else int(batch_size_per_image)
+        self.box_sample_size = TORCHVISION_SAMPLE_SIZE if batch_size_per_image is None else int(batch_size_per_image)
         if prior_prob is not None:
             init_objectness_prior(head.cls_logits, form, prior_prob)
-        self.stats: dict[str, Tensor] = {}
 
     def focal_normalizer(self, num_pos: Tensor) -> tuple[Tensor, Tensor]:
         """``global_count_normalizer`` of the positive count: ``(max(1, N_pos) of the global batch, divisor)``."""
@@ -174,7 +182,8 @@ class FocalLossRPN(RegionProposalNetwork):
             regression_targets: per image ``[R_n, 4]``, or one ``[R, 4]`` for the batch (``forward`` passes that).
 
         Returns:
-            ``(loss_objectness, loss_rpn_box_reg)``, scalars.
+            ``(loss_objectness, loss_rpn_box_reg)``, scalars. Inside an open ``EventStorage`` it also puts the
+            step's ``anchor_statistics`` and ``focal_normalizer`` there, as ``rpn/<name>``.
         """
         num_images = len(labels)
         flat_labels = torch.cat(labels)
@@ -208,12 +217,15 @@ class FocalLossRPN(RegionProposalNetwork):
         else:  # torchvision's: / sampled_inds.numel(), batch_size_per_image per image
             loss_rpn_box_reg = box_loss / (self.box_sample_size * num_images)
 
-        self.stats = anchor_statistics(
-            logit.detach(), negative, per_anchor.detach(), num_positive=num_pos,
-            num_negative=negative.count_nonzero(), num_trained=valid.count_nonzero(), num_images=num_images,
-            loss_sum=loss_sum.detach(),
-        )  # fmt: skip
-        self.stats["focal_normalizer"] = global_num_pos  # max(1, N_pos) of the global batch, whatever W is
+        storage = current_storage()
+        if storage is not None:  # the trainer's step: the statistics are logged
+            stats = anchor_statistics(
+                logit.detach(), negative, per_anchor.detach(), num_positive=num_pos,
+                num_negative=negative.count_nonzero(), num_trained=valid.count_nonzero(), num_images=num_images,
+                loss_sum=loss_sum.detach(),
+            )  # fmt: skip
+            stats["focal_normalizer"] = global_num_pos  # max(1, N_pos) of the global batch, whatever W is
+            storage.put_scalars(stats, prefix="rpn/")
         return loss_objectness, loss_rpn_box_reg
 
     def forward(
@@ -292,18 +304,23 @@ class BoxPositivesRPN(RegionProposalNetwork):
         return objectness_loss, box_loss
 
 
-def use_box_positives(model: GeneralizedRCNN) -> GeneralizedRCNN:
-    """Replace ``model.rpn`` (torchvision's sampled RPN) in place by a ``BoxPositivesRPN`` with the same parts
-    (anchor generator, head, matcher thresholds, sampler, top-n, NMS and score threshold)."""
+def use_sampled_rpn(
+    model: GeneralizedRCNN, *, batch_size_per_image: int, positive_fraction: float, box_normalizer: str
+) -> GeneralizedRCNN:
+    """Replace ``model.rpn`` in place by a sampled RPN with this sampler and the same other parts (anchor
+    generator, head, matcher thresholds, top-n, NMS and score threshold): torchvision's own
+    ``RegionProposalNetwork`` for ``box_normalizer="sampled"``, a ``BoxPositivesRPN`` for ``"positives"``."""
+    if box_normalizer not in BOX_NORMALIZERS:
+        raise ValueError(f"rpn box_normalizer must be one of {BOX_NORMALIZERS}, got {box_normalizer!r}")
     old = model.rpn
-    sampler = old.fg_bg_sampler
-    model.rpn = BoxPositivesRPN(
+    cls = BoxPositivesRPN if box_normalizer == "positives" else RegionProposalNetwork
+    model.rpn = cls(
         old.anchor_generator,
         old.head,
         fg_iou_thresh=old.proposal_matcher.high_threshold,
         bg_iou_thresh=old.proposal_matcher.low_threshold,
-        batch_size_per_image=sampler.batch_size_per_image,
-        positive_fraction=sampler.positive_fraction,
+        batch_size_per_image=batch_size_per_image,
+        positive_fraction=positive_fraction,
         pre_nms_top_n=dict(old._pre_nms_top_n),
         post_nms_top_n=dict(old._post_nms_top_n),
         nms_thresh=old.nms_thresh,
@@ -323,14 +340,14 @@ def object_logit(objectness: Tensor) -> Tensor:
 def use_focal_rpn(
     model: GeneralizedRCNN,
     *,
-    form: str = "softmax",
-    loss_weight: float = 0.1,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    prior_prob: float | None = 0.01,
+    form: str = FOCAL_DEFAULTS["form"],
+    loss_weight: float = FOCAL_DEFAULTS["loss_weight"],
+    alpha: float = FOCAL_DEFAULTS["alpha"],
+    gamma: float = FOCAL_DEFAULTS["gamma"],
+    prior_prob: float | None = FOCAL_DEFAULTS["prior_prob"],
     score_thresh: float = 0.0,
-    box_normalizer: str = "positives",
-    batch_size_per_image: int = 256,
+    box_normalizer: str = FOCAL_DEFAULTS["box_normalizer"],
+    batch_size_per_image: int | None = None,
     head: str = "shared",
     head_options: dict | None = None,
 ) -> GeneralizedRCNN:
@@ -347,7 +364,8 @@ def use_focal_rpn(
     ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
     is logged. ``box_normalizer`` and ``batch_size_per_image``: see ``FocalLossRPN``. ``head`` (``shared``,
     ``decoupled``, ``shared_matched``) with ``head_options``: ``fl_rpn.rpn_heads.replace_rpn_head``; the default
-    ``shared`` without options keeps the head as described above.
+    ``shared`` without options keeps the head as described above. The other keyword defaults are the focal
+    options' (``FOCAL_DEFAULTS``, from ``conf/_base/focal.yaml``).
     """
     head_kind = head  # ``head`` names the new head below
     old = model.rpn

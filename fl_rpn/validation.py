@@ -32,38 +32,18 @@ def _check_int(key: str, value: Any, minimum: int) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    rpn = cfg.rpn
-    _check(rpn.loss in ("sampled", "focal"), "rpn.loss", rpn.loss, "must be 'sampled' or 'focal'")
-    if rpn.loss == "focal":
-        _check(rpn.form in ("sigmoid", "softmax"), "rpn.form", rpn.form, "must be 'sigmoid' or 'softmax'")
-        _check_number("rpn.gamma", rpn.gamma, lambda v: v >= 0, ">= 0")
-        _check_number("rpn.alpha", rpn.alpha, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check_number("rpn.loss_weight", rpn.loss_weight, lambda v: v > 0, "> 0")
-        prior = rpn.prior_prob
-        _check(prior is None or (_is_number(prior) and 0 < prior < 1), "rpn.prior_prob", prior,
-               "must be null or a number in (0, 1)")  # fmt: skip
-    else:
-        _check_int("rpn.batch_size_per_image", rpn.batch_size_per_image, 1)
-        _check_number("rpn.positive_fraction", rpn.positive_fraction, lambda v: 0 < v <= 1, "in (0, 1]")
-    box_normalizer = rpn.get("box_normalizer")
-    _check(box_normalizer in (None, "positives", "sampled"), "rpn.box_normalizer", box_normalizer,
-           "must be 'positives' (1 / 2 N_pos) or 'sampled' (1 / batch_size_per_image N)")  # fmt: skip
-    if rpn.loss == "focal" and box_normalizer == "sampled" and rpn.get("batch_size_per_image") is not None:
-        _check_int("rpn.batch_size_per_image", rpn.batch_size_per_image, 1)
+    from .rpn_registry import check_rpn_config  # which imports the checks above
+
+    rpn = cfg.rpn  # the shared keys here; rpn.loss and its variant's keys: check_rpn_config, after them
     _check_number("rpn.fg_iou_thresh", rpn.fg_iou_thresh, lambda v: 0 <= v <= 1, "in [0, 1]")
     _check_number("rpn.bg_iou_thresh", rpn.bg_iou_thresh, lambda v: 0 <= v <= rpn.fg_iou_thresh,
                   f"with 0 <= rpn.bg_iou_thresh <= rpn.fg_iou_thresh ({rpn.fg_iou_thresh})")  # fmt: skip
     _check_number("rpn.nms_thresh", rpn.nms_thresh, lambda v: 0 < v <= 1, "in (0, 1]")
     _check_number("rpn.score_thresh", rpn.score_thresh, lambda v: 0 <= v < 1, "in [0, 1)")
-    if rpn.loss == "focal" and rpn.prior_prob is not None:
-        # every anchor starts at probability prior_prob: a threshold above it lets no proposal through until the
-        # objectness has been trained, and the box head sees only the ground-truth boxes
-        _check(rpn.score_thresh < rpn.prior_prob, "rpn.score_thresh", rpn.score_thresh,
-               f"must be below rpn.prior_prob ({rpn.prior_prob}), the initial object probability of every anchor; "
-               "otherwise no anchor is proposed at the start of training")  # fmt: skip
     for key in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test"):
         _check_int(f"rpn.{key}", rpn[key], 1)
     _check_number("rpn.cls_lr_mult", rpn.cls_lr_mult, lambda v: v > 0, "> 0")
+    check_rpn_config(rpn)
 
     s = cfg.schedule
     _check_int("schedule.max_iters", s.max_iters, 1)

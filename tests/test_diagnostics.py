@@ -10,6 +10,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead
 from fl_rpn.diagnostics import EASY_LOGIT, attach_anchor_diagnostics
+from fl_rpn.events import EventStorage
 
 THRESHOLDS = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, pre_nms_top_n={"training": 10}, post_nms_top_n={"training": 10},
                   nms_thresh=0.7)  # fmt: skip
@@ -39,8 +40,9 @@ def test_focal_rpn_counts_every_labelled_anchor_and_the_easy_negative_share(form
     head = (TwoLogitRPNHead if form == "softmax" else RPNHead)(4, 3)
     rpn = FocalLossRPN(AnchorGenerator(((16,),), ((0.5, 1.0, 2.0),)), head, form=form, **THRESHOLDS)
     objectness, deltas, labels, targets = loss_inputs(form)
-    rpn.compute_loss(objectness, deltas, labels, targets)
-    stats = {k: v.item() for k, v in rpn.stats.items()}
+    with EventStorage() as events:
+        rpn.compute_loss(objectness, deltas, labels, targets)
+    stats = {k.removeprefix("rpn/"): v.item() for k, v in events.drain().items()}
     assert stats["positive_anchors_per_image"] == 4.0  # (5 + 3) / 2
     assert stats["negative_anchors_per_image"] == 1000 - 100 - 4
     assert stats["trained_anchors_per_image"] == 1000 - 100  # every anchor but the ignored ones
@@ -54,15 +56,29 @@ def test_focal_rpn_counts_every_labelled_anchor_and_the_easy_negative_share(form
     assert stats["easy_negative_loss_share"] == pytest.approx((per_anchor[easy].sum() / per_anchor.sum()).item())
 
 
+class FixedMaps(torch.nn.Module):
+    """A head whose objectness maps hold ``[R, 1]`` logits, in compute_loss's order: ``[N, A = 1, R / N, 1]``."""
+
+    def __init__(self, logits, num_images):
+        super().__init__()
+        self.logits, self.num_images = logits, num_images
+
+    def forward(self, features):
+        return [self.logits.view(self.num_images, 1, -1, 1)], []
+
+
 def test_sampled_rpn_diagnostics_cover_the_sampled_anchors_only():
     rpn = RegionProposalNetwork(AnchorGenerator(((16,),), ((0.5, 1.0, 2.0),)), RPNHead(4, 3),
                                 batch_size_per_image=256, positive_fraction=0.5, score_thresh=0.0,
                                 **THRESHOLDS)  # fmt: skip
-    attach_anchor_diagnostics(rpn)
     objectness, deltas, labels, targets = loss_inputs("sigmoid")
+    rpn.head = FixedMaps(objectness, num_images=2)  # the head hook sees these logits, as a forward pass would
+    attach_anchor_diagnostics(rpn)
     torch.manual_seed(0)
-    rpn.compute_loss(objectness, deltas, labels, targets)
-    stats = {k: v.item() for k, v in rpn.stats.items()}
+    with EventStorage() as events:
+        rpn.head(None)  # a forward pass runs the head, then compute_loss
+        rpn.compute_loss(objectness, deltas, labels, targets)
+    stats = {k.removeprefix("rpn/"): v.item() for k, v in events.drain().items()}
     assert stats["positive_anchors_per_image"] == 4.0 and stats["negative_anchors_per_image"] == 896.0
     assert stats["trained_anchors_per_image"] == 256.0  # all 8 positives and 504 negatives over 2 images
 

@@ -10,6 +10,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead
+from fl_rpn.events import EventStorage
 from fl_rpn.rpn import use_focal_rpn
 
 CHANNELS = 8
@@ -118,11 +119,12 @@ def test_head_channels_must_fit_the_form():
 def test_no_boxes_gives_positive_objectness_and_zero_box_loss(form):
     rpn = make_rpn(form).train()
     images, features, targets = inputs(boxes=[torch.zeros(0, 4)] * 2)
-    _, losses = rpn(images, features, targets)
+    with EventStorage() as events:
+        _, losses = rpn(images, features, targets)
     assert torch.isfinite(losses["loss_objectness"]) and losses["loss_objectness"] > 0
     assert losses["loss_rpn_box_reg"].item() == 0.0
     # all anchors are background: the normaliser is clamped to 1
-    assert rpn.stats["focal_normalizer"].item() == 1.0
+    assert events.drain()["rpn/focal_normalizer"].item() == 1.0
 
 
 def test_two_logit_head_channel_order_and_anchor_counts():
@@ -233,8 +235,9 @@ def test_fixed_seed_loss_values():
     torch.manual_seed(0)
     rpn = make_rpn("softmax").train()
     images, features, targets = inputs()
-    _, losses = rpn(images, features, targets)
-    stats = {k: v.item() for k, v in rpn.stats.items()}
+    with EventStorage() as events:
+        _, losses = rpn(images, features, targets)
+    stats = {k.removeprefix("rpn/"): v.item() for k, v in events.drain().items()}
     n_pos = stats["focal_normalizer"]
     assert n_pos == 2 * stats["positive_anchors_per_image"] and n_pos >= 4
     # every anchor starts at p = 0.01: positives cost 0.25 * 0.99^2 * -ln 0.01 each, negatives
@@ -332,9 +335,9 @@ def test_loss_is_float32_under_bf16_autocast(form):
     deltas, targets = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
     rpn = make_rpn(form)
     reference = rpn.compute_loss(objectness, deltas, [labels], [targets])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), EventStorage() as events:
         low = rpn.compute_loss(objectness.bfloat16(), deltas.bfloat16(), [labels], [targets.bfloat16()])
-    assert rpn.stats["focal_normalizer"].item() == num_pos
+    assert events.drain()["rpn/focal_normalizer"].item() == num_pos
     for got, want in zip(low, reference):
         assert got.dtype == torch.float32
         # only the bf16 rounding of the inputs remains (relative 2^-8 per logit), not of the sum or the count

@@ -3,18 +3,20 @@
 Arms (all on the same inputs, interleaved in one process):
   sampled        torchvision's ``RegionProposalNetwork.compute_loss`` with its
                  ``BalancedPositiveNegativeSampler`` (256 anchors per image at 1:1, BCE), untouched.
-  sampled+diag   the same, wrapped by ``fl_rpn.diagnostics.attach_anchor_diagnostics`` as the trainer
-                 does (adds a BCE pass over every anchor for the logged statistics); informative only.
+  sampled+diag   the same, observed by ``fl_rpn.diagnostics.attach_anchor_diagnostics`` as the trainer
+                 does (the logged statistics of the sampled anchors; the logits the head hook would keep in a
+                 forward pass are handed to it directly); informative only.
   focal_sigmoid  ``FocalLossRPN(form="sigmoid").compute_loss`` ([R, 1] logits).
   focal_softmax  ``FocalLossRPN(form="softmax").compute_loss`` ([R, 2] logits).
   focal_*-nodiag with ``--nodiag``: the focal arms with ``fl_rpn.rpn.anchor_statistics`` replaced by a no-op
                  for the call (what the loss costs without the per-step diagnostics it records).
-  focal_*@REV    with ``--baseline REV``: the same arms built from ``fl_rpn/{rpn,losses,diagnostics}.py`` as
-                 they are at git revision REV (before / after an optimisation, measured interleaved).
+  focal_*@REV    with ``--baseline REV``: the same arms built from ``fl_rpn/`` (and ``conf/``) as they are at
+                 git revision REV (before / after an optimisation, measured interleaved).
 
 Inputs as the RPN sees them: ``R`` anchors split over ``--images`` images, float labels with ~0.1 %
 positives (1), ~70 % negatives (0) and the rest ignored (-1), random regression targets; logits and
-box deltas are leaf tensors that require grad, so backward stops at them (the head is not included).
+box deltas are leaf tensors that require grad, so backward stops at them (the head is not included). Every call
+runs inside an ``fl_rpn.events.EventStorage``, as in the trainer's step, so the statistics are computed.
 
 Time: median seconds of ``loss_objectness + loss_rpn_box_reg`` forward + ``backward()``.
 Memory: peak tensor bytes allocated during one forward + backward above the inputs (CUDA:
@@ -55,29 +57,30 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 import fl_rpn.rpn
 from fl_rpn.diagnostics import attach_anchor_diagnostics
+from fl_rpn.events import EventStorage
 
 ARMS = ("sampled", "sampled+diag", "focal_sigmoid", "focal_softmax")
 
 
 @functools.lru_cache
 def rpn_module_at(rev: str):
-    """``fl_rpn/rpn.py`` (with the losses and diagnostics it imports) as it is at git revision ``rev``."""
+    """``fl_rpn/rpn.py`` as it is at git revision ``rev``: that revision's ``fl_rpn/`` (renamed) and ``conf/``."""
     import importlib
+    import io
     import subprocess
+    import tarfile
     import tempfile
     from pathlib import Path
 
     from _common import REPO
 
     pkg = "_fl_rpn_at_" + "".join(c if c.isalnum() else "_" for c in rev)
-    root = Path(tempfile.mkdtemp()) / pkg
-    root.mkdir()
-    (root / "__init__.py").write_text("")
-    for name in ("rpn.py", "losses.py", "diagnostics.py"):
-        src = subprocess.run(["git", "show", f"{rev}:fl_rpn/{name}"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
-        (root / name).write_text(src)
-    sys.path.insert(0, str(root.parent))
+    root = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "archive", rev, "fl_rpn", "conf"], cwd=REPO, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(root)
+    (root / "fl_rpn").rename(root / pkg)  # its relative imports stay inside it; conf/ is found beside it
+    sys.path.insert(0, str(root))
     return importlib.import_module(f"{pkg}.rpn")
 
 
@@ -128,11 +131,16 @@ def make_step(rpn: RegionProposalNetwork, arm: str, logits: torch.Tensor, deltas
         obj = logits[:, 1:].clone()  # torchvision's compute_loss flattens [R, 1]
     obj.requires_grad_(True)
     box = deltas.clone().requires_grad_(True)
+    observer = rpn.fg_bg_sampler if arm == "sampled+diag" else None
+    maps = [obj.detach().view(len(labels), 1, -1, 1)]  # [N, A = 1, H = R / N, W = 1]: as the head hook keeps them
 
     def step() -> None:
         obj.grad = None
         box.grad = None
-        loss_obj, loss_box = rpn.compute_loss(obj, box, labels, targets)
+        with EventStorage():
+            if observer is not None:
+                observer.objectness = maps
+            loss_obj, loss_box = rpn.compute_loss(obj, box, labels, targets)
         (loss_obj + loss_box).backward()
 
     if not arm.endswith("-nodiag"):

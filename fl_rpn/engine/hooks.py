@@ -102,7 +102,8 @@ class Preemption(HookBase):
 
 
 class MetricsLogger(HookBase):
-    """The logged scalars: the mean of every loss term and RPN statistic over the last ``log_every`` steps (one
+    """The logged scalars: the mean of every loss term and of every scalar the model put into the step's
+    ``EventStorage`` (the RPN statistics, ``rpn/...``; ``StepOutput.scalars``) over the last ``log_every`` steps (one
     host sync per log), with ``lr`` and ``skipped_steps``, appended to ``state.history`` and written to
     ``train.log``, TensorBoard (``tb/``, rank 0) and the progress bar."""
 
@@ -132,7 +133,7 @@ class MetricsLogger(HookBase):
     def after_step(self, state: TrainState) -> None:
         out = state.output
         if not out.skipped:
-            step_scalars = {**out.losses, **{f"rpn/{k}": v for k, v in state.model.rpn.stats.items()}}
+            step_scalars = {**out.losses, **out.scalars}
             for k, v in step_scalars.items():
                 self.window.setdefault(k, []).append(v.detach())
         self.progress.update(1)

@@ -1,6 +1,7 @@
 """``TrainStep``: one optimisation step, the same for the trainer, the benchmarks and the tests.
 
-A step is: forward in train mode under autocast (the loss terms), their sum, the agreement of all ranks on
+A step is: forward in train mode under autocast (the loss terms, and the scalars the model puts into the
+``EventStorage`` the step opens around it, ``fl_rpn.events``), their sum, the agreement of all ranks on
 whether it is finite (and on a pending stop request, e.g. SIGTERM), then zero_grad, backward through the AMP
 ``GradScaler``, gradient clipping (``fl_rpn.engine.optim.clip_grad_norm_``) and the optimizer step. A non-finite
 loss either raises ``NonFiniteLossError`` (``nonfinite="stop"``) or skips the step (``nonfinite="skip"``), which
@@ -9,7 +10,7 @@ stops too once skipping cannot recover. The lr schedule is the caller's: a skipp
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..errors import NonFiniteLossError
+from ..events import EventStorage
 from .checkpoint import nonfinite_tensors
 from .distributed import SINGLE_PROCESS, DistInfo, any_rank
 from .optim import clip_grad_norm_
@@ -34,12 +36,15 @@ class StepOutput:
 
     ``losses``: ``{"loss": total, "loss_objectness": ..., ...}``, 0-d tensors on the device (read them only when
     logging: ``.item()`` is a host sync); ``skipped``: the loss was not finite on some rank and no parameter
-    moved; ``stop``: some rank asked to stop (the caller checkpoints and exits).
+    moved; ``stop``: some rank asked to stop (the caller checkpoints and exits); ``scalars``: what the model put
+    into the step's ``EventStorage`` during the forward pass (the RPN's statistics, ``rpn/...``), 0-d tensors on
+    the device too.
     """
 
     losses: dict[str, Tensor]
     skipped: bool
     stop: bool
+    scalars: dict[str, Tensor] = field(default_factory=dict)
 
 
 class TrainStep:
@@ -99,7 +104,10 @@ class TrainStep:
     def __call__(self, images: list[Tensor], targets: list[dict[str, Tensor]], *, iteration: int = 0) -> StepOutput:
         """Train on ``images`` (N tensors ``[3, H_n, W_n]``) and ``targets`` (N dicts: ``boxes`` ``[B_n, 4]``,
         ``labels`` ``[B_n]``), on ``device``. ``iteration`` only names the step in messages."""
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+        with (
+            EventStorage() as events,
+            torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None),
+        ):
             losses = self.forward_model(images, targets)
         loss = sum(losses.values())
         # all ranks skip / stop together, or the others would wait in DDP's all_reduce forever
@@ -117,7 +125,7 @@ class TrainStep:
                 clip_grad_norm_(self.model, self.clip_grad_norm)  # the softmax logit difference counted once
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return StepOutput(losses={"loss": loss, **losses}, skipped=nonfinite, stop=stop)
+        return StepOutput(losses={"loss": loss, **losses}, skipped=nonfinite, stop=stop, scalars=events.drain())
 
     def _last_checkpoint(self, yet: str) -> str:
         last = self.checkpoint_path

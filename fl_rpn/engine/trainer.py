@@ -169,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # resuming: the checkpoint holds every weight, so pretrained backbone weights are not fetched again
     model = build_model(cfg, train_set.meta.num_classes, load_backbone_weights=checkpoint_path is None).to(device)
     apply_speed_options(model, channels_last=cfg.channels_last, compile_mode=cfg.compile)
-    attach_anchor_diagnostics(model.rpn)
+    attach_anchor_diagnostics(model.rpn)  # a sampled RPN's statistics, observed by hooks (FocalLossRPN puts its own)
     global_batch = cfg.batch_size * dist_info.world_size
     optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, global_batch)
     scheduler = build_scheduler(optimizer, cfg.schedule)

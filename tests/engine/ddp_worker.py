@@ -106,14 +106,17 @@ def normalizer_worker(spec: dict) -> None:
     """Each rank computes the focal RPN loss on its image of every case, with N_pos all-reduced."""
     import torch.distributed as dist
 
+    from fl_rpn.events import EventStorage
+
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
     for form in ("sigmoid", "softmax"):
         rpn = loss_only_rpn(form)
         for case, counts in NORMALIZER_CASES.items():
             objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, form)
-            out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
-            out[form, case, "stats"] = {k: float(v) for k, v in rpn.stats.items()}
+            with EventStorage() as events:
+                out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
+            out[form, case, "stats"] = {k.removeprefix("rpn/"): float(v) for k, v in events.drain().items()}
     dist.destroy_process_group()
     torch.save(out, f"{spec['record']}.{rank}.pt")
 

@@ -15,6 +15,7 @@ from fl_rpn.config import compose_config
 from fl_rpn.engine import trainer
 from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.trainer import train
+from fl_rpn.events import current_storage
 from fl_rpn.model import apply_speed_options, build_model
 
 from ..conftest import FAST
@@ -60,7 +61,8 @@ def recorded(monkeypatch, on_model_build):
         def on_rpn(module, args, out):
             if module.training:
                 seen["rpn_losses"].append({k: v.dtype for k, v in out[1].items()})
-                seen["stats"].append({k: v.dtype for k, v in module.stats.items()})
+                stats = current_storage().scalars()  # the step's, put during this forward pass
+                seen["stats"].append({k.removeprefix("rpn/"): v.dtype for k, v in stats.items()})
 
         rpn.register_forward_hook(on_rpn)
 

@@ -12,6 +12,7 @@ from fl_rpn.config import compose_config
 from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.trainer import train
+from fl_rpn.events import current_storage
 from fl_rpn.model import build_model
 
 from ..conftest import FAST, TINY
@@ -61,7 +62,7 @@ def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, cach
 
     def record(module, args, output):
         if module.training:
-            steps.append({k: v.item() for k, v in module.stats.items()})
+            steps.append({k.removeprefix("rpn/"): v.item() for k, v in current_storage().scalars().items()})
 
     on_model_build(lambda model: model.rpn.register_forward_hook(record))
     cfg = compose_config([*FAST, "schedule.max_iters=4", "schedule.log_every=2", f"output_dir={tmp_path}"])
