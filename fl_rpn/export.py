@@ -48,6 +48,13 @@ def fold_objectness(cls_logits: nn.Conv2d) -> nn.Conv2d:
 
 def _torchvision_rpn(rpn: FocalLossRPN) -> RegionProposalNetwork:
     old = rpn.head
+    tower = getattr(old, "conv", None)
+    normed = tower is not None and any(isinstance(m, nn.GroupNorm) for m in tower.modules())
+    if tower is None or normed or tower[0][0].in_channels != old.cls_logits.in_channels:  # RPNHead keeps C
+        raise ValueError(
+            f"this model's RPN head ({type(old).__name__}: rpn.head.kind decoupled or shared_matched, a width other "
+            "than the features' or norm group) has no torchvision RPNHead form; only the default rpn.head exports"
+        )
     head = RPNHead(old.cls_logits.in_channels, old.bbox_pred.out_channels // 4, conv_depth=len(old.conv))
     head.to(old.bbox_pred.weight.device, old.bbox_pred.weight.dtype)
     head.conv.load_state_dict(old.conv.state_dict())

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from .rpn import BOX_NORMALIZERS, FORMS, use_focal_rpn, use_sampled_rpn
+from .rpn_heads import GROUPS, HEADS, NORMS, replace_rpn_head
 from .validation import _check, _check_int, _check_number
 
 __all__ = ["RPN_BUILDERS", "SHARED_KEYS", "RPN_DETECTOR_KEYS", "register_rpn", "check_rpn_config", "build_rpn"]
@@ -30,7 +31,8 @@ RPN_DETECTOR_KEYS = (
     "nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "score_thresh",
 )  # fmt: skip
 # read outside the builders: the option's name, the variant, FasterRCNN's keys, the optimizer's objectness lr
-SHARED_KEYS = ("name", "loss", *RPN_DETECTOR_KEYS, "cls_lr_mult")
+SHARED_KEYS = ("name", "loss", *RPN_DETECTOR_KEYS, "cls_lr_mult", "head")
+HEAD_DEFAULTS = {"kind": "shared", "num_convs": 1, "width": None, "norm": None}  # torchvision's RPNHead
 
 Check = Callable[[str, Any], None]  # (rpn.<key>, value) -> None, or ValueError("config key rpn.<key>=...: ...")
 RPN_BUILDERS: dict[str, Callable[..., None]] = {}
@@ -96,12 +98,43 @@ def check_rpn_config(rpn: DictConfig) -> None:
             raise ValueError(f"config key rpn.{key} is missing: rpn.loss={rpn.loss} reads it")
     if rpn.loss in _CROSS_CHECKS:
         _CROSS_CHECKS[rpn.loss](rpn)
+    if "head" in rpn:
+        check_head_config(rpn.head)
+
+
+def check_head_config(head: DictConfig) -> None:
+    """The ``rpn.head`` node (``conf/_base/rpn.yaml``): its kind, tower depth (1-4), width, norm and ``vary``."""
+    expected = {*HEAD_DEFAULTS, "vary"}
+    for key in head:
+        _check(key in expected, f"rpn.head.{key}", head[key], f"unknown; rpn.head takes {sorted(expected)}")
+    for key in expected:
+        if key not in head:
+            raise ValueError(f"config key rpn.head.{key} is missing")
+    _check(head.kind in HEADS, "rpn.head.kind", head.kind, "must be " + " or ".join(map(repr, HEADS)))
+    _check_int("rpn.head.num_convs", head.num_convs, 1)
+    _check(head.num_convs <= 4, "rpn.head.num_convs", head.num_convs, "must be 1 to 4")
+    if head.width is not None:
+        _check_int("rpn.head.width", head.width, 1)
+    _check(head.norm in NORMS, "rpn.head.norm", head.norm, "must be null or 'group'")
+    _check(head.norm != "group" or head.width is None or head.width % GROUPS == 0, "rpn.head.width", head.width,
+           f"must be a multiple of {GROUPS} with rpn.head.norm=group (GroupNorm's groups)")  # fmt: skip
+    _check(head.vary in ("width", "depth"), "rpn.head.vary", head.vary, "must be 'width' or 'depth'")
 
 
 def build_rpn(model: GeneralizedRCNN, rpn: DictConfig) -> None:
     """Replace ``model.rpn`` in place with the variant of the ``rpn`` node, which ``check_rpn_config`` accepted."""
     builder = RPN_BUILDERS[rpn.loss]
     builder(model, **{key: rpn[key] for key in config_keys(builder) if key in rpn})
+    head = dict(rpn.get("head") or HEAD_DEFAULTS)
+    vary = head.pop("vary", "width")
+    if head != HEAD_DEFAULTS:  # the default is the head the builder kept: torchvision's (or its two-logit form)
+        kind = head.pop("kind")
+        options = {k: v for k, v in head.items() if v != HEAD_DEFAULTS[k]}
+        if kind == "shared_matched":
+            options["vary"] = vary
+        focal = rpn.loss == "focal"
+        form, prior_prob = (rpn.form, rpn.prior_prob) if focal else ("sigmoid", None)
+        replace_rpn_head(model, kind, form, prior_prob, **options)
 
 
 # -- the built-in variants ----------------------------------------------------------------------------------------

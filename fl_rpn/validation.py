@@ -75,6 +75,13 @@ def validate_config(cfg: DictConfig) -> None:
            "clip_grad_norm", cfg.clip_grad_norm, "must be null or a number > 0")  # fmt: skip
     _check(cfg.ema is None or (_is_number(cfg.ema) and 0 < cfg.ema < 1), "ema", cfg.ema,
            "must be null or a decay in (0, 1), e.g. 0.999")  # fmt: skip
+    st = cfg.stability
+    _check(isinstance(st.enabled, bool), "stability.enabled", st.enabled, "must be true or false")
+    _check_number("stability.spike_k", st.spike_k, lambda v: v > 1, "> 1")
+    _check_int("stability.median_window", st.median_window, 1)
+    _check_int("stability.probe_every", st.probe_every, 0)
+    _check(st.enabled or not st.probe_every, "stability.probe_every", st.probe_every,
+           "needs stability.enabled=true")  # fmt: skip
     _check(cfg.check_images in (False, "header", "decode"), "check_images", cfg.check_images,
            "must be false, 'header' or 'decode'")  # fmt: skip
     _check(cfg.bad_images in ("error", "skip"), "bad_images", cfg.bad_images, "must be 'error' or 'skip'")

@@ -32,6 +32,7 @@ from .ema import EMA
 from .evaluate import evaluate
 from .hooks import Checkpointer, Evaluation, MetricsLogger, Preemption, TrainState
 from .optim import build_optimizer, build_scheduler, lr_factor, scaled_lr
+from .stability import StabilityMonitor
 from .step import TrainStep
 from .stream import TrainStream
 
@@ -214,7 +215,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                             eval_every=schedule.eval_every, logger=logger, ema=ema)  # fmt: skip
     checkpointer = Checkpointer(checkpoint_every=schedule.checkpoint_every, scaler=scaler)
     # evaluation before the checkpoint: a checkpoint holds its iteration's evaluation and the RNG state after it
-    state.hooks = [preemption, *([ema] if ema else []), logger, evaluation, checkpointer]
+    st = cfg.stability
+    stability = (
+        [
+            StabilityMonitor(
+                logger=logger,
+                log_every=schedule.log_every,
+                max_iters=schedule.max_iters,
+                k=st.spike_k,
+                median_window=st.median_window,
+                probe_every=st.probe_every,
+            )
+        ]  # fmt: skip
+        if st.enabled
+        else []
+    )
+    state.hooks = [preemption, *([ema] if ema else []), logger, *stability, evaluation, checkpointer]
     for hook in state.hooks:
         if hook.name in ckpt.get("hooks", {}):
             hook.load_state_dict(ckpt["hooks"][hook.name])
