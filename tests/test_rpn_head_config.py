@@ -24,7 +24,9 @@ def test_the_default_head_is_the_one_the_rpn_builds(compose_cfg, rpn, form, cls)
         assert type(model.rpn) is RegionProposalNetwork
 
 
-@pytest.mark.parametrize("rpn, form", [("sampled", "sigmoid"), ("focal_sigmoid", "sigmoid"), ("focal_softmax", "softmax")])
+@pytest.mark.parametrize(
+    "rpn, form", [("sampled", "sigmoid"), ("focal_sigmoid", "sigmoid"), ("focal_softmax", "softmax")]
+)
 def test_rpn_head_decoupled_in_every_form(compose_cfg, rpn, form):
     cfg = compose_cfg(f"rpn={rpn}", "rpn.head.kind=decoupled", "rpn.head.num_convs=2", "rpn.head.norm=group")
     model = build_model(cfg, num_classes=3)
