@@ -3,9 +3,9 @@
 __version__ = "0.1.0"  # the one place the version is set (pyproject reads it)
 
 from .export import export_torchvision
-from .losses import objectness_probability, sigmoid_focal_loss, softmax_focal_loss
-from .model import build_model
-from .rpn import FocalLossRPN, TwoLogitRPNHead, init_objectness_prior, use_focal_rpn
+from .modeling.losses import objectness_probability, sigmoid_focal_loss, softmax_focal_loss
+from .modeling.model import build_model
+from .modeling.rpn import FocalLossRPN, TwoLogitRPNHead, init_objectness_prior, use_focal_rpn
 
 __all__ = [
     "FocalLossRPN",

@@ -35,7 +35,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
 
 def base_values(name: str) -> dict:
     """The keys of ``conf/_base/<name>.yaml``, a base that options include, as written there (its own defaults list
-    is not composed). ``fl_rpn.rpn`` takes the focal RPN's keyword defaults from ``base_values("focal")``."""
+    is not composed). ``fl_rpn.modeling.rpn`` takes the focal RPN's keyword defaults from ``base_values("focal")``."""
     values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "_base" / f"{name}.yaml"))
     values.pop("defaults", None)
     return values

@@ -3,7 +3,7 @@
 An expected error (a bad config value, a missing or unreadable file, a bad image, a full disk, a non-finite loss,
 unavailable pretrained weights) is printed as ``TypeName: message`` on stderr, without the traceback and without
 the chained "direct cause" exceptions, and the script exits with status 1. ``HYDRA_FULL_ERROR=1`` keeps the full
-trace. Ctrl-C exits with 130; a pre-empted training run (SIGTERM) with 143 (``fl_rpn.train``). Any other exception
+trace. Ctrl-C exits with 130; a pre-empted training run (SIGTERM) with 143 (``fl_rpn.cli.train``). Any other exception
 is a bug: it is printed with its traceback, as Hydra does. The message (or traceback) is also appended to the
 run's log file (``train.log``), and a run directory that holds nothing but Hydra's files is removed.
 """

@@ -1,9 +1,10 @@
 """Scalars that the model computes inside a training step, kept until the trainer reads them (detectron2's
 ``EventStorage``, for scalars only).
 
-Code deep inside the model (``FocalLossRPN.compute_loss``, the sampled RPN's observer in ``fl_rpn.diagnostics``)
-puts its statistics into the current storage; ``TrainStep`` opens one around its forward pass and returns what was
-put as ``StepOutput.scalars``, which ``MetricsLogger`` averages over its window and logs under the names given here.
+Code deep inside the model (``FocalLossRPN.compute_loss``, the sampled RPN's observer in
+``fl_rpn.modeling.diagnostics``) puts its statistics into the current storage; ``TrainStep`` opens one around its
+forward pass and returns what was put as ``StepOutput.scalars``, which ``MetricsLogger`` averages over its window and
+logs under the names given here.
 The values stay 0-d tensors on their device (putting one is no host sync). Outside an open storage (a forward pass
 outside the trainer) ``current_storage()`` is None, and the model computes no statistics at all.
 """

@@ -1,4 +1,4 @@
-"""``fl-rpn-export``: a trained detector as plain torchvision, TorchScript or ONNX; none needs fl_rpn to load.
+"""A trained detector as plain torchvision, TorchScript or ONNX; none needs fl_rpn to load.
 
 fl-rpn-export checkpoint=outputs/.../last.pt                      # model.pt (state dict) + model.json (settings)
 fl-rpn-export checkpoint=outputs/.../last.pt format=torchscript   # model.ts: torch.jit.load, no Python classes
@@ -17,16 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from . import __version__
-from .config import CONF_DIR
-from .rpn import FocalLossRPN
+from .modeling.rpn import FocalLossRPN
 
 __all__ = ["export_torchvision", "fold_objectness", "torchvision_settings", "export_checkpoint", "FORMATS"]
 
@@ -170,12 +167,3 @@ def export_checkpoint(
     (out_dir / "model.json").write_text(json.dumps(settings, indent=2))
     print(f"{checkpoint} -> {path} ({fmt}), settings in {out_dir / 'model.json'}")
     return path
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="export", version_base=None)
-def main(cfg: DictConfig) -> None:
-    export_checkpoint(cfg.checkpoint, cfg.format, cfg.out_dir, cfg.opset, tuple(cfg.image_size))
-
-
-if __name__ == "__main__":
-    main()

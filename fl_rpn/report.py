@@ -15,13 +15,11 @@ jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not
 runs of the same arm and seed are an error (they would count as two seeds and pair arbitrarily).
 """
 
-import argparse
 import csv
 import itertools
 import json
 import math
 import statistics
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -35,7 +33,7 @@ from .evaluation.recall import AR
 
 # what the evaluators declare (fl_rpn/evaluation/registry.py): their headline metrics, in the table's order
 DEFAULT_METRICS = tuple(headline_metrics())
-# the imbalance diagnostics each run logs (fl_rpn/diagnostics.py); the focal normaliser only for FL-RPN
+# the imbalance diagnostics each run logs (fl_rpn/modeling/diagnostics.py); the focal normaliser only for FL-RPN
 DIAGNOSTICS = (
     "rpn/positive_anchors_per_image", "rpn/negative_anchors_per_image", "rpn/trained_anchors_per_image",
     "rpn/focal_normalizer", "rpn/easy_negative_loss_share",
@@ -754,25 +752,3 @@ def report(
     write_summary_csv(out_dir / "summary.csv", summary)
     print(text)
     return summary
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fl-rpn-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="multirun directories (or any folders of runs)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first dir)")
-    parser.add_argument("--baseline", default="rpn=sampled", help="the arm differences are taken against")
-    parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
-    parser.add_argument(
-        "--effect", type=float, default=0.4, help="the effect (AP / AR points) the power analysis asks about (0.4)"
-    )
-    args = parser.parse_args(argv)
-    if not (math.isfinite(args.effect) and args.effect > 0):
-        sys.exit(f"fl-rpn-report: --effect {args.effect}: must be a number > 0 (points)")
-    try:
-        report(args.dirs, args.out, args.metrics, args.baseline, args.effect)
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"fl-rpn-report: {err}")
-
-
-if __name__ == "__main__":
-    main()

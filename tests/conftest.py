@@ -11,7 +11,7 @@ fixtures are requested by name as usual.
 - ``compose_cfg``: the real Hydra config (``conf/train.yaml``) with overrides.
 - ``cache`` (a fresh ``FL_RPN_CACHE`` for one test, set in the environment) and ``module_cache`` (one folder for a
   module's tests, so the synthetic set is generated once).
-- ``run_app`` / ``start_app``: a console script (``python -m fl_rpn.train``, ``python -c CODE`` or ``python
+- ``run_app`` / ``start_app``: a console script (``python -m fl_rpn.cli.train``, ``python -c CODE`` or ``python
   SCRIPT``) in a subprocess, waited for or running; ``app_env`` is their environment.
 - ``free_port``: a TCP port for a DDP rendezvous that no other xdist worker hands out.
 - ``write_image`` / ``image_writer``: a uniform PNG or JPEG image on disk.
@@ -101,7 +101,10 @@ def app_env(cache: Path, full_error: bool = True, extra: dict[str, str] | None =
     return env
 
 
-def app_command(args, module: str = "fl_rpn.train", code: str | None = None, script: Path | None = None) -> list[str]:
+TRAIN_APP = "fl_rpn.cli.train"
+
+
+def app_command(args, module: str = TRAIN_APP, code: str | None = None, script: Path | None = None) -> list[str]:
     """``python -m module *args``, ``python -c code *args`` (a seam patched before the app runs) or ``python script
     *args``."""
     if script is not None:
@@ -109,7 +112,7 @@ def app_command(args, module: str = "fl_rpn.train", code: str | None = None, scr
     return [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", module, *args]
 
 
-def run_app(*args: str, cache: Path, module: str = "fl_rpn.train", code: str | None = None, script: Path | None = None,
+def run_app(*args: str, cache: Path, module: str = TRAIN_APP, code: str | None = None, script: Path | None = None,
             full_error: bool = True, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True,
             **kwargs) -> subprocess.CompletedProcess:  # fmt: skip
     """Run a console script to its end (see ``app_command`` and ``app_env``); its output is captured and
@@ -125,7 +128,7 @@ def run_app(*args: str, cache: Path, module: str = "fl_rpn.train", code: str | N
     return proc
 
 
-def start_app(*args: str, cache: Path, module: str = "fl_rpn.train", code: str | None = None, full_error: bool = True,
+def start_app(*args: str, cache: Path, module: str = TRAIN_APP, code: str | None = None, full_error: bool = True,
               env: dict[str, str] | None = None, **popen) -> subprocess.Popen:  # fmt: skip
     """Start a console script (see ``run_app``) and return at once: text stdout and stderr are pipes unless
     ``popen`` says otherwise."""

@@ -6,10 +6,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from fl_rpn.config import CONF_DIR, compose_config
+from fl_rpn.config_check import validate_config
 from fl_rpn.data import build_dataset
 from fl_rpn.engine.optim import build_optimizer, build_scheduler, lr_factor
-from fl_rpn.model import build_model
-from fl_rpn.validation import validate_config
+from fl_rpn.modeling.model import build_model
 
 GROUPS = ["dataset", "model", "rpn", "optim", "schedule", "eval", "scale", "experiment"]
 
@@ -56,7 +56,7 @@ def test_synthetic_dataset_and_optimizer_build(tmp_path):
 
 
 def test_lr_schedule_values():
-    s = OmegaConf.create({"warmup_iters": 10, "warmup_factor": 0.001, "steps": [20, 30], "gamma": 0.1})
+    s = OmegaConf.create({"warmup_iters": 10, "warmup_factor": 0.001, "steps": [20, 30], "lr_decay": 0.1})
     assert lr_factor(0, s) == pytest.approx(0.001)
     assert lr_factor(5, s) == pytest.approx(0.001 * 0.5 + 0.5)
     assert lr_factor(10, s) == 1.0 and lr_factor(19, s) == 1.0

@@ -9,8 +9,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead
-from fl_rpn.diagnostics import EASY_LOGIT, attach_anchor_diagnostics
 from fl_rpn.events import EventStorage
+from fl_rpn.modeling.diagnostics import EASY_LOGIT, attach_anchor_diagnostics
 
 THRESHOLDS = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, pre_nms_top_n={"training": 10}, post_nms_top_n={"training": 10},
                   nms_thresh=0.7)  # fmt: skip

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from fl_rpn.config import compose_config
-from fl_rpn.diagnostics import EASY_LOGIT, attach_anchor_diagnostics
 from fl_rpn.engine.step import TrainStep
 from fl_rpn.events import EventStorage, current_storage
-from fl_rpn.model import build_model
-from fl_rpn.rpn import BoxPositivesRPN
+from fl_rpn.modeling.diagnostics import EASY_LOGIT, attach_anchor_diagnostics
+from fl_rpn.modeling.model import build_model
+from fl_rpn.modeling.rpn import BoxPositivesRPN
 
 SAMPLED_NAMES = [
     "rpn/positive_anchors_per_image", "rpn/negative_anchors_per_image", "rpn/trained_anchors_per_image",

@@ -299,7 +299,7 @@ def test_gpu_check_sh_parses_and_its_cpu_dry_run_wires_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     commands = log.read_text().splitlines()
     steps = {"pytest": "-m pytest -q -m cuda ", "syncs": "sync_count.py", "rpn_loss": "rpn_loss.py",
-             "train_step": "train_step.py", "throughput": "--arms fp32,bf16,bf16+cl", "demo": "-m fl_rpn.train",
+             "train_step": "train_step.py", "throughput": "--arms fp32,bf16,bf16+cl", "demo": "-m fl_rpn.cli.train",
              "throughput_compile": "--arms bf16+cl+compile", "summary": "gpu_check_summary.py"}  # fmt: skip
     ran = [next(name for name, key in steps.items() if key in c) for c in commands if not c.startswith("-c ")]
     assert ran == list(steps)  # every step, in order, after the version line (-c)
@@ -309,7 +309,7 @@ def test_gpu_check_sh_parses_and_its_cpu_dry_run_wires_every_step(tmp_path):
                 assert (ROOT / word).is_file(), f"gpu_check.sh runs {word}, which does not exist"
         if "benchmarks/" in command and "summary" not in command:
             assert "--device cpu" in command and ("--model tiny_fpn" in command or "rpn_loss.py" in command), command
-    demo = next(c for c in commands if "-m fl_rpn.train" in c)
+    demo = next(c for c in commands if "-m fl_rpn.cli.train" in c)
     assert "device=cpu" in demo and "schedule.max_iters=4" in demo and "model.detector.min_size=96" in demo
     summary = (out / "summary.md").read_text()
     assert summary.startswith("## gpu_check summary (dry run at tiny sizes: targets not judged)")

@@ -16,8 +16,8 @@ from fl_rpn import export_torchvision, use_focal_rpn
 from fl_rpn.engine.checkpoint import save_checkpoint
 from fl_rpn.engine.evaluate import predict
 from fl_rpn.export import export_checkpoint, fold_objectness, torchvision_settings
-from fl_rpn.model import build_backbone, build_model
-from fl_rpn.rpn import FocalLossRPN
+from fl_rpn.modeling.model import build_backbone, build_model
+from fl_rpn.modeling.rpn import FocalLossRPN
 
 SMALL = ["model.detector.min_size=128", "model.detector.max_size=160"]
 NUM_CLASSES = 3

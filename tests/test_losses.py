@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fl_rpn.losses import objectness_probability, sigmoid_focal_loss, softmax_focal_loss
+from fl_rpn.modeling.losses import objectness_probability, sigmoid_focal_loss, softmax_focal_loss
 
 
 def focal_closed_form(p_object: float, is_object: bool, alpha: float, gamma: float) -> float:

@@ -7,8 +7,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
 from fl_rpn.config import CONF_DIR
-from fl_rpn.model import build_backbone
-from fl_rpn.rpn import BoxPositivesRPN
+from fl_rpn.modeling.model import build_backbone
+from fl_rpn.modeling.rpn import BoxPositivesRPN
 
 RPN_OPTIONS = sorted(p.stem for p in (CONF_DIR / "rpn").glob("[!_]*.yaml"))
 MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("[!_]*.yaml"))

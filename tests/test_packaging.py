@@ -152,7 +152,7 @@ def test_the_built_wheel_runs_every_app_from_outside_the_repository(tmp_path):
     }
     assert sources["main"] == f"{site}/fl_rpn/conf" and sources["command-line"].endswith("myconf")  # the wheel's copy
 
-    run(str(python), "-m", "fl_rpn.check_data", *TINY_DATA, *SMALLER, "hydra.run.dir=check")
+    run(str(python), "-m", "fl_rpn.cli.check_data", *TINY_DATA, *SMALLER, "hydra.run.dir=check")
     run(
         str(bin_dir / "fl-rpn-eval"),
         "checkpoint=run/last.pt",

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
+from fl_rpn.cli.report import main
 from fl_rpn.report import (
     detectable_effect,
     expected_jobs,
     load_runs,
-    main,
     pairs_needed,
     report,
     t95,

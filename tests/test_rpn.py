@@ -11,7 +11,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead
 from fl_rpn.events import EventStorage
-from fl_rpn.rpn import use_focal_rpn
+from fl_rpn.modeling.rpn import use_focal_rpn
 
 CHANNELS = 8
 SIZES = ((16,), (32,))
@@ -194,7 +194,7 @@ def test_prior_init_gives_initial_object_probability_pi(form, prior):
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
     objectness, _ = concat_box_prediction_layers(cls_maps, deltas)
-    from fl_rpn.losses import objectness_probability
+    from fl_rpn.modeling.losses import objectness_probability
 
     assert abs(objectness_probability(objectness).mean().item() - prior) < 0.02 * prior + 1e-3
     bias = rpn.head.cls_logits.bias
@@ -304,7 +304,7 @@ def test_use_focal_rpn_gives_proposals_on_every_torchvision_rpn_builder(name, ca
 
     model = get_model_builder(name)(weights=None, weights_backbone=None, num_classes=2, min_size=64, max_size=64)
     replaced = model.rpn.score_thresh
-    with caplog.at_level("INFO", logger="fl_rpn.rpn"):
+    with caplog.at_level("INFO", logger="fl_rpn.modeling.rpn"):
         use_focal_rpn(model, form="sigmoid")
     assert model.rpn.score_thresh == 0.0
     assert ("score_thresh 0.05 of the replaced RPN is not kept" in caplog.text) == (replaced == 0.05)
@@ -386,7 +386,7 @@ def test_sampled_box_normalizers_closed_form_and_torchvision_unchanged():
     """batch_size_per_image 8 at 1/4 positives: 2 positives and 6 negatives sampled per image (each image has more
     of both), 16 sampled anchors. torchvision: sum over the 4 sampled positives / 16; BoxPositivesRPN: / (2 x 4);
     with the same sampler draws the objectness losses are equal."""
-    from fl_rpn.rpn import BoxPositivesRPN
+    from fl_rpn.modeling.rpn import BoxPositivesRPN
 
     case = box_case([5, 3], [10, 12])
     box_sum = 4 * SMOOTH_L1_PER_ANCHOR
@@ -402,8 +402,8 @@ def test_sampled_box_normalizers_closed_form_and_torchvision_unchanged():
 def test_rpn_presets_and_their_box_normalizers():
     """rpn=sampled is exactly torchvision's class; the cross arms change the box normaliser only."""
     from fl_rpn.config import compose_config
-    from fl_rpn.model import build_model
-    from fl_rpn.rpn import BoxPositivesRPN
+    from fl_rpn.modeling.model import build_model
+    from fl_rpn.modeling.rpn import BoxPositivesRPN
 
     def rpn(name):
         return build_model(compose_config([f"rpn={name}"]), 3).rpn
@@ -420,8 +420,8 @@ def test_rpn_presets_and_their_box_normalizers():
 def test_box_positives_normalizer_uses_the_global_count_under_ddp(monkeypatch):
     """Rank 0 of 2 with 4 sampled positives while the other rank has 6: divides its sum by 2 x 10 / 2 (the global
     count over the world size, as FocalLossRPN), so the DDP mean of the gradients is the global-batch one."""
-    import fl_rpn.rpn as rpn_module
-    from fl_rpn.rpn import BoxPositivesRPN
+    import fl_rpn.modeling.rpn as rpn_module
+    from fl_rpn.modeling.rpn import BoxPositivesRPN
 
     class TwoRanks:
         @staticmethod

@@ -7,10 +7,10 @@ import pytest
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
+from fl_rpn.config_check import validate_config
 from fl_rpn.engine.trainer import train
 from fl_rpn.export import export_torchvision
-from fl_rpn.rpn_heads import DecoupledRPNHead, SharedRPNHead, count_parameters, head_parameters
-from fl_rpn.validation import validate_config
+from fl_rpn.modeling.rpn_heads import DecoupledRPNHead, SharedRPNHead, count_parameters, head_parameters
 
 from .conftest import FAST
 

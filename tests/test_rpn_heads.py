@@ -11,8 +11,8 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
 from fl_rpn.engine.optim import clip_grad_norm_
-from fl_rpn.rpn import use_focal_rpn
-from fl_rpn.rpn_heads import (
+from fl_rpn.modeling.rpn import use_focal_rpn
+from fl_rpn.modeling.rpn_heads import (
     DecoupledRPNHead,
     SharedRPNHead,
     build_rpn_head,

@@ -7,11 +7,12 @@ import pytest
 from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from fl_rpn import losses
 from fl_rpn.config import CONF_DIR, compose_config
-from fl_rpn.model import build_model
-from fl_rpn.rpn import FOCAL_DEFAULTS, FocalLossRPN, use_focal_rpn
-from fl_rpn.rpn_registry import (
+from fl_rpn.config_check import validate_config
+from fl_rpn.modeling import losses
+from fl_rpn.modeling.model import build_model
+from fl_rpn.modeling.rpn import FOCAL_DEFAULTS, FocalLossRPN, use_focal_rpn
+from fl_rpn.modeling.rpn_registry import (
     RPN_BUILDERS,
     SHARED_KEYS,
     check_rpn_config,
@@ -19,7 +20,6 @@ from fl_rpn.rpn_registry import (
     number,
     register_rpn,
 )
-from fl_rpn.validation import validate_config
 
 RPN_OPTIONS = sorted(p.stem for p in (CONF_DIR / "rpn").glob("[!_]*.yaml"))
 

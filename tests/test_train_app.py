@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from torchvision.io import decode_image
 
+from fl_rpn.cli.predict import predict_images
 from fl_rpn.config import compose_config
 from fl_rpn.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from fl_rpn.engine.evaluate import predict
 from fl_rpn.engine.trainer import train
-from fl_rpn.predict import predict_images
 
 from .conftest import FAST, TINY, TINY_DATA, run_app
 
@@ -41,7 +41,7 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
     eval_dir = tmp_path / "eval"
     run_app(
         f"checkpoint={run_dir / 'last.pt'}", *TINY_DATA, "eval.evaluators=[coco,proposal_recall,voc07]",
-        "num_workers=0", f"hydra.run.dir={eval_dir}", module="fl_rpn.eval", cache=cache,
+        "num_workers=0", f"hydra.run.dir={eval_dir}", module="fl_rpn.cli.eval", cache=cache,
     )  # fmt: skip
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     assert evaluated["iteration"] == 4 and "voc07/mAP" in evaluated and "voc07/AP/circle" in evaluated
@@ -50,7 +50,8 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
     out = tmp_path / "pred"
     run_app(
         f"checkpoint={run_dir / 'last.pt'}", f"inputs=[{images[0]},{images[1]}]", f"out_dir={out}",
-        "score_thresh=0.0", "proposals_topk=5", f"hydra.run.dir={tmp_path / 'p'}", module="fl_rpn.predict", cache=cache,
+        "score_thresh=0.0", "proposals_topk=5", f"hydra.run.dir={tmp_path / 'p'}", module="fl_rpn.cli.predict",
+        cache=cache,
     )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.png" for p in images)
 
@@ -63,7 +64,7 @@ def test_unknown_override_is_rejected_by_hydra(tmp_path):
 
 
 def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp_path, cache):
-    from fl_rpn.eval import evaluate_checkpoint
+    from fl_rpn.cli.eval import evaluate_checkpoint
 
     overrides = [*FAST, "seed=3", "rpn=focal_sigmoid", "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]
     train(compose_config(overrides))
@@ -108,7 +109,7 @@ def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_
 
 
 def test_drawings_use_a_colour_per_class_and_labels_that_scale_with_the_image():
-    from fl_rpn.predict import PALETTE, draw_boxes, drawing_sizes
+    from fl_rpn.cli.predict import PALETTE, draw_boxes, drawing_sizes
 
     assert drawing_sizes(torch.zeros(3, 96, 128)) == (1, 10)
     assert drawing_sizes(torch.zeros(3, 640, 960)) == (2, 16) and drawing_sizes(torch.zeros(3, 1280, 1280)) == (4, 32)
@@ -126,8 +127,8 @@ def test_drawings_use_a_colour_per_class_and_labels_that_scale_with_the_image():
 
 
 def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tmp_path, cache):
+    from fl_rpn.cli.predict import PALETTE
     from fl_rpn.data import build_dataset
-    from fl_rpn.predict import PALETTE
 
     train(compose_config([*FAST, "schedule.max_iters=1", f"output_dir={tmp_path / 'run'}"]))
     val = build_dataset(compose_config(TINY).dataset.val, train=False)

@@ -113,7 +113,7 @@ step throughput "${LIMIT[throughput]}" $PY $B/gpu_throughput.py --device "$DEVIC
   --arms fp32,bf16,bf16+cl --data coco128 --data-root "$(dirname "$COCO128")" --no-write \
   --json "$OUT_DIR/throughput.json"
 # (e) the CPU demo on CUDA (its defaults; the run directory stays outside $OUT_DIR, its metrics are copied)
-step demo "${LIMIT[demo]}" $PY -m fl_rpn.train device="$DEVICE" "${DEMO_ARGS[@]}" hydra.run.dir="$WORK/demo"
+step demo "${LIMIT[demo]}" $PY -m fl_rpn.cli.train device="$DEVICE" "${DEMO_ARGS[@]}" hydra.run.dir="$WORK/demo"
 [ -f "$WORK/demo/metrics.json" ] && cp "$WORK/demo/metrics.json" "$OUT_DIR/demo_metrics.json"
 # (d, last) the compiled arm, in whatever remains of the budget: compiling may take minutes
 step throughput_compile "$BUDGET" $PY $B/gpu_throughput.py --device "$DEVICE" "${TP_ARGS[@]}" \

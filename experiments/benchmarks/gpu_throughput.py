@@ -67,7 +67,7 @@ from fl_rpn.data import build_dataset
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.step import TrainStep
 from fl_rpn.engine.stream import TrainStream
-from fl_rpn.model import apply_speed_options
+from fl_rpn.modeling.model import apply_speed_options
 
 TITLE = "5. GPU throughput, R50-FPN (`gpu_throughput.py`)"
 REFERENCE_V100 = 9.0  # images/s per V100, torchvision's detection reference recipe (R50-FPN, 26 epochs)

@@ -3,12 +3,12 @@
 Arms (all on the same inputs, interleaved in one process):
   sampled        torchvision's ``RegionProposalNetwork.compute_loss`` with its
                  ``BalancedPositiveNegativeSampler`` (256 anchors per image at 1:1, BCE), untouched.
-  sampled+diag   the same, observed by ``fl_rpn.diagnostics.attach_anchor_diagnostics`` as the trainer
+  sampled+diag   the same, observed by ``fl_rpn.modeling.diagnostics.attach_anchor_diagnostics`` as the trainer
                  does (the logged statistics of the sampled anchors; the logits the head hook would keep in a
                  forward pass are handed to it directly); informative only.
   focal_sigmoid  ``FocalLossRPN(form="sigmoid").compute_loss`` ([R, 1] logits).
   focal_softmax  ``FocalLossRPN(form="softmax").compute_loss`` ([R, 2] logits).
-  focal_*-nodiag with ``--nodiag``: the focal arms with ``fl_rpn.rpn.anchor_statistics`` replaced by a no-op
+  focal_*-nodiag with ``--nodiag``: the focal arms with ``fl_rpn.modeling.rpn.anchor_statistics`` replaced by a no-op
                  for the call (what the loss costs without the per-step diagnostics it records).
   focal_*@REV    with ``--baseline REV``: the same arms built from ``fl_rpn/`` (and ``conf/``) as they are at
                  git revision REV (before / after an optimisation, measured interleaved).
@@ -55,16 +55,17 @@ from _common import (
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-import fl_rpn.rpn
-from fl_rpn.diagnostics import attach_anchor_diagnostics
+import fl_rpn.modeling.rpn
 from fl_rpn.events import EventStorage
+from fl_rpn.modeling.diagnostics import attach_anchor_diagnostics
 
 ARMS = ("sampled", "sampled+diag", "focal_sigmoid", "focal_softmax")
 
 
 @functools.lru_cache
 def rpn_module_at(rev: str):
-    """``fl_rpn/rpn.py`` as it is at git revision ``rev``: that revision's ``fl_rpn/`` (renamed) and ``conf/``."""
+    """The RPN module as it is at git revision ``rev`` (``fl_rpn/modeling/rpn.py``, or ``fl_rpn/rpn.py`` before the
+    package was split): that revision's ``fl_rpn/`` (renamed) and ``conf/``."""
     import importlib
     import io
     import subprocess
@@ -81,7 +82,8 @@ def rpn_module_at(rev: str):
         tar.extractall(root)
     (root / "fl_rpn").rename(root / pkg)  # its relative imports stay inside it; conf/ is found beside it
     sys.path.insert(0, str(root))
-    return importlib.import_module(f"{pkg}.rpn")
+    nested = (root / pkg / "modeling" / "rpn.py").is_file()
+    return importlib.import_module(f"{pkg}.modeling.rpn" if nested else f"{pkg}.rpn")
 
 
 def make_rpn(arm: str, baseline_rev: str | None = None) -> RegionProposalNetwork:
@@ -95,7 +97,7 @@ def make_rpn(arm: str, baseline_rev: str | None = None) -> RegionProposalNetwork
         if arm == "sampled+diag":
             attach_anchor_diagnostics(rpn)
         return rpn
-    module = fl_rpn.rpn
+    module = fl_rpn.modeling.rpn
     if "@" in arm:
         arm, _ = arm.split("@", 1)
         module = rpn_module_at(baseline_rev)
@@ -147,12 +149,12 @@ def make_step(rpn: RegionProposalNetwork, arm: str, logits: torch.Tensor, deltas
         return step
 
     def step_without_diagnostics() -> None:
-        recorded = fl_rpn.rpn.anchor_statistics
-        fl_rpn.rpn.anchor_statistics = lambda *args, **kwargs: {}
+        recorded = fl_rpn.modeling.rpn.anchor_statistics
+        fl_rpn.modeling.rpn.anchor_statistics = lambda *args, **kwargs: {}
         try:
             step()
         finally:
-            fl_rpn.rpn.anchor_statistics = recorded
+            fl_rpn.modeling.rpn.anchor_statistics = recorded
 
     return step_without_diagnostics
 

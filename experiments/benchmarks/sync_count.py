@@ -22,9 +22,9 @@ from train_step import make_batch
 
 from fl_rpn import build_model
 from fl_rpn.config import compose_config
-from fl_rpn.diagnostics import attach_anchor_diagnostics
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.step import TrainStep
+from fl_rpn.modeling.diagnostics import attach_anchor_diagnostics
 
 FORMS = ("sampled", "focal_sigmoid", "focal_softmax")
 

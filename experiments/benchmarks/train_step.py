@@ -39,9 +39,9 @@ from _common import (
 
 from fl_rpn import build_model
 from fl_rpn.config import compose_config
-from fl_rpn.diagnostics import attach_anchor_diagnostics
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.step import TrainStep
+from fl_rpn.modeling.diagnostics import attach_anchor_diagnostics
 
 ARMS = ("sampled", "focal_sigmoid", "focal_softmax")
 

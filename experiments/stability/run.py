@@ -5,7 +5,7 @@ that no loss, logged scalar or weight ever becomes NaN / Inf.
     python experiments/stability/run.py --iters 200 --arms focal_softmax
     python experiments/stability/run.py --check-only           # re-read finished runs and rewrite the summary
 
-Each arm is a plain ``python -m fl_rpn.train`` in ``<out>/<arm>`` with ``nonfinite=stop`` (the default), so a
+Each arm is a plain ``python -m fl_rpn.cli.train`` in ``<out>/<arm>`` with ``nonfinite=stop`` (the default), so a
 non-finite loss ends that arm with an error naming the iteration; ``resume=true`` makes the script restartable
 (a killed arm continues from its last checkpoint). The summary goes to ``experiments/stability/results.json``.
 """
@@ -129,7 +129,7 @@ def main() -> None:
         elif finished(args.out / arm, args.iters):
             print(f"{arm}: already at {args.iters} iterations; checking only", flush=True)
         else:
-            cmd = [sys.executable, "-m", "fl_rpn.train", *overrides(arm, args.iters, args.out, args.overrides)]
+            cmd = [sys.executable, "-m", "fl_rpn.cli.train", *overrides(arm, args.iters, args.out, args.overrides)]
             print("$", " ".join(cmd), flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

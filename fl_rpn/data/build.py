@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from .batching import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+from .batching import collate_fn
 from .coco import read_coco
 from .dataset import DetectionDataset
 from .synthetic import ensure_synthetic, make_synthetic_coco
@@ -157,36 +157,22 @@ def build_loader(
     dataset: DetectionDataset,
     batch_size: int,
     num_workers: int,
-    train: bool,
     seed: int,
-    group_aspect_ratio: bool,
     distributed: bool = False,
-    aspect_ratio_group_factor: int = 3,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader yielding ``(images, targets)`` tuples.
+    """The evaluation DataLoader, yielding ``(images, targets)`` tuples in the dataset's order (training reads
+    ``fl_rpn.engine.stream.TrainStream``).
 
-    Train: shuffled by a ``torch.Generator`` seeded with ``seed`` (or DistributedSampler with ``seed``;
-    the caller calls ``loader.batch_sampler.sampler.set_epoch`` each epoch), batches grouped by aspect
-    ratio when ``group_aspect_ratio``. Eval: sequential order (DistributedSampler without shuffling when
-    distributed; it pads with repeated images to equal rank sizes, so evaluators should dedupe by
-    ``image_id``). Worker seeds come from a generator seeded with ``seed``, so random flips in workers
-    are reproducible. ``pin_memory``: page-locked batches, for a model on CUDA only.
+    Distributed: a ``DistributedSampler`` without shuffling, which pads with repeated images to equal rank sizes,
+    so evaluators dedupe by ``image_id``. The workers' seeds come from a generator seeded with ``seed + 1``, so that
+    starting them draws nothing from the global RNG (a periodic evaluation leaves the training's random stream
+    as it was). ``pin_memory``: page-locked batches, for a model on CUDA only.
     """
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed)
-    elif train:
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(dataset)
-    if train and group_aspect_ratio:
-        groups = create_aspect_ratio_groups(dataset.aspect_ratios(), aspect_ratio_group_factor)
-        batch_sampler = GroupedBatchSampler(sampler, groups, batch_size)
-    else:
-        batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
+    sampler = DistributedSampler(dataset, shuffle=False, seed=seed) if distributed else SequentialSampler(dataset)
     return DataLoader(
         dataset,
-        batch_sampler=batch_sampler,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
         num_workers=num_workers,
         collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(seed + 1),

@@ -7,7 +7,7 @@ The readers already fail on bad annotations (naming the file and entry) and coun
 - ``header``: PIL reads each file's header: not an image, or another size than the annotations say;
 - ``decode``: each image is fully decoded as training would: also truncated / corrupt files.
 
-Images are checked in parallel threads. ``fl-rpn-check-data`` (``fl_rpn.check_data``) decodes both splits and
+Images are checked in parallel threads. ``fl-rpn-check-data`` (``fl_rpn.cli.check_data``) decodes both splits and
 prints the reports; the trainer calls ``require_valid`` with the depth set by ``check_images``.
 """
 

@@ -138,6 +138,9 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 # pretrained backbone has frozen BatchNorm and frozen early layers), which it does: only null vs not-null must match.
 RESUME_MUST_MATCH = ("model", "rpn")
 PRETRAINED_KEY = "model.backbone_weights"
+# keys added after checkpoints were written without them: absent there means this value (what those runs built)
+ADDED_KEYS = {"rpn.head.kind": "shared", "rpn.head.num_convs": 1, "rpn.head.width": None, "rpn.head.norm": None,
+              "rpn.head.vary": "width"}  # fmt: skip
 
 
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:
@@ -170,7 +173,7 @@ def check_resume_config(
         old = _flatten(saved["config"].get(group, {}), group)
         new = _flatten(OmegaConf.to_container(cfg[group], resolve=True), group)
         for key in sorted(set(old) | set(new)):
-            before, now = old.get(key, "<absent>"), new.get(key, "<absent>")
+            before, now = old.get(key, ADDED_KEYS.get(key, "<absent>")), new.get(key, "<absent>")
             if key == PRETRAINED_KEY:
                 before, now = _backbone_layout(before), _backbone_layout(now)
             if before != now:
@@ -214,7 +217,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """
     from omegaconf import OmegaConf
 
-    from ..model import build_model
+    from ..modeling.model import build_model
 
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "config", "meta") if k not in ckpt]

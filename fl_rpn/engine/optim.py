@@ -60,8 +60,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
 
 
 def lr_factor(iteration: int, schedule: DictConfig) -> float:
-    """Multiplier of the base lr at ``iteration``: linear warm-up from ``warmup_factor``, then x gamma per step."""
-    factor = schedule.gamma ** sum(iteration >= s for s in schedule.steps)
+    """Multiplier of the base lr at ``iteration``: linear warm-up from ``warmup_factor``, then x lr_decay per step."""
+    factor = schedule.lr_decay ** sum(iteration >= s for s in schedule.steps)
     if iteration < schedule.warmup_iters:
         alpha = iteration / schedule.warmup_iters
         factor *= schedule.warmup_factor * (1 - alpha) + alpha

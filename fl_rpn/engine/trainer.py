@@ -1,4 +1,4 @@
-"""``train(cfg)``: the training loop as a plain function (the Hydra wrapper lives in ``fl_rpn.train``).
+"""``train(cfg)``: the training loop as a plain function (the Hydra wrapper lives in ``fl_rpn.cli.train``).
 
 One iteration = one batch of ``cfg.batch_size`` images per process. The run directory receives the
 resolved config (``config_resolved.yaml``; Hydra's ``.hydra/`` keeps the unresolved one and the overrides),
@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config_check import validate_config
 from ..data import build_dataset, require_valid
 from ..data.build import shutdown_workers
 from ..data.check import drop_bad_images
-from ..diagnostics import attach_anchor_diagnostics
 from ..errors import NonFiniteLossError  # noqa: F401  (raised by the step; imported from here)
 from ..evaluation import build_evaluators, evaluator_options
-from ..model import apply_speed_options, build_model
-from ..validation import validate_config
+from ..modeling.diagnostics import attach_anchor_diagnostics
+from ..modeling.model import apply_speed_options, build_model
 from .checkpoint import check_resume_config, load_checkpoint, load_model_state, set_rng_state
 from .distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from .ema import EMA
@@ -54,8 +54,8 @@ def run_evaluation(cfg: DictConfig, model, val_set, device, dist_info: DistInfo)
 
     evaluators = build_evaluators(list(cfg.eval.evaluators), val_set.meta, evaluator_options(cfg.eval))
     loader = build_loader(
-        val_set, cfg.eval.batch_size, cfg.num_workers, train=False, seed=cfg.seed, group_aspect_ratio=False,
-        distributed=dist_info.enabled, pin_memory=device.type == "cuda",
+        val_set, cfg.eval.batch_size, cfg.num_workers, seed=cfg.seed, distributed=dist_info.enabled,
+        pin_memory=device.type == "cuda",
     )  # fmt: skip
     return evaluate(model, loader, evaluators, device, dist_info)
 
@@ -81,7 +81,7 @@ def _to(value: Any, device: torch.device) -> Any:
 def drop_file_logging() -> None:
     """Remove the root logger's file handlers (ranks > 0: ``train.log`` is rank 0's).
 
-    Under torchrun and srun ``fl_rpn.train.main`` gives ranks > 0 stdout logging, but Hydra's submitit launcher
+    Under torchrun and srun ``fl_rpn.cli.train.main`` gives ranks > 0 stdout logging, but Hydra's submitit launcher
     sets up every rank's job itself, each with a handler appending to the same ``train.log``.
     """
     root = logging.getLogger()

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from fl_rpn.check_data import check_data
+from fl_rpn.cli.check_data import check_data
 from fl_rpn.config import compose_config
 from fl_rpn.data import (
     DatasetMeta,
@@ -375,7 +375,7 @@ def test_check_data_command_exits_1_and_names_every_problem(coco_files, tmp_path
     (images / "b.png").write_bytes(b"GIF89a")
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fl_rpn.check_data", "dataset=coco", f"dataset.train.images={images}",
+        [sys.executable, "-m", "fl_rpn.cli.check_data", "dataset=coco", f"dataset.train.images={images}",
          f"dataset.train.annotations={annotations}", f"dataset.val.images={images}",
          f"dataset.val.annotations={broken}", f"hydra.run.dir={tmp_path / 'out'}"],
         capture_output=True, text=True, env=env, timeout=300,

@@ -35,15 +35,10 @@ def test_build_synthetic_and_loader(tmp_path):
     ds = build_dataset(node, train=True)
     assert len(ds) == 10 and ds.meta.class_names == SHAPES and ds.meta.category_ids == [1, 2, 3, 4, 5]
 
-    def order(seed):
-        loader = build_loader(ds, batch_size=3, num_workers=0, train=True, seed=seed, group_aspect_ratio=True)
-        return [[t["image_id"] for t in targets] for _, targets in loader]
-
-    batches = order(0)
-    assert sorted(i for b in batches for i in b) == list(range(1, 11))
-    assert batches == order(0) and batches != order(1)
     eval_ds = build_dataset(node, train=False)
-    images, targets = next(iter(build_loader(eval_ds, 2, 0, train=False, seed=0, group_aspect_ratio=False)))
+    batches = [[t["image_id"] for t in targets] for _, targets in build_loader(eval_ds, 3, 0, seed=0)]
+    assert batches == [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]  # the dataset's order, the last batch short
+    images, targets = next(iter(build_loader(eval_ds, 2, 0, seed=0)))
     assert [t["image_id"] for t in targets] == [1, 2]
     assert images[0].shape == (3, 64, 80) and images[0].dtype == torch.float32
     assert "ignore" in targets[0]

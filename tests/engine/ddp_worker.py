@@ -2,7 +2,7 @@
 (``tests/engine/conftest.py``): ``python tests/engine/ddp_worker.py SPEC``, with torchrun's environment variables
 set by hand.
 
-``kind: train`` runs the real app (``fl_rpn.train.main``) with the spec's overrides and records the weights after
+``kind: train`` runs the real app (``fl_rpn.cli.train.main``) with the spec's overrides and records the weights after
 every optimizer step and the gradients of the first (``StepRecorder``); the sampler takes the first positives and
 negatives by index (``first_k_sample``, see test_distributed.py for why). ``kind: normalizer`` computes the focal
 RPN loss of every ``NORMALIZER_CASES`` case with N_pos all-reduced. Either writes ``<record>.<rank>.pt``.
@@ -56,7 +56,7 @@ def worker(spec: dict) -> None:
     BalancedPositiveNegativeSampler.__call__ = first_k_sample
     recorder = StepRecorder()
     if rank == spec.get("nan_on_rank"):  # a non-finite loss on this rank only, at the first iteration
-        from fl_rpn.rpn import FocalLossRPN
+        from fl_rpn.modeling.rpn import FocalLossRPN
 
         compute_loss = FocalLossRPN.compute_loss
         calls = []
@@ -67,7 +67,7 @@ def worker(spec: dict) -> None:
             return (loss_objectness * float("nan") if len(calls) == 1 else loss_objectness), loss_box
 
         FocalLossRPN.compute_loss = nan_once
-    from fl_rpn.train import main
+    from fl_rpn.cli.train import main
 
     sys.argv = ["fl-rpn-train", *spec["overrides"], *spec.get("rank_overrides", {}).get(str(rank), [])]
     try:

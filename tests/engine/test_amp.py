@@ -10,13 +10,13 @@ import os
 import pytest
 import torch
 
-import fl_rpn.rpn
+import fl_rpn.modeling.rpn
 from fl_rpn.config import compose_config
 from fl_rpn.engine import trainer
 from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.trainer import train
 from fl_rpn.events import current_storage
-from fl_rpn.model import apply_speed_options, build_model
+from fl_rpn.modeling.model import apply_speed_options, build_model
 
 from ..conftest import FAST
 
@@ -66,7 +66,7 @@ def recorded(monkeypatch, on_model_build):
 
         rpn.register_forward_hook(on_rpn)
 
-    real_focal = fl_rpn.rpn.sigmoid_focal_loss
+    real_focal = fl_rpn.modeling.rpn.sigmoid_focal_loss
 
     def focal(logits, targets, *args, **kwargs):
         out = real_focal(logits, targets, *args, **kwargs)
@@ -84,7 +84,7 @@ def recorded(monkeypatch, on_model_build):
         conv.register_forward_hook(on_conv)
 
     monkeypatch.setattr(trainer, "attach_anchor_diagnostics", attach_and_record)
-    monkeypatch.setattr(fl_rpn.rpn, "sigmoid_focal_loss", focal)
+    monkeypatch.setattr(fl_rpn.modeling.rpn, "sigmoid_focal_loss", focal)
     on_model_build(record_the_layout)
     return seen
 

@@ -102,3 +102,11 @@ def test_checkpoints_are_read_with_weights_only(tmp_path):
     torch.save({"model": {}, "payload": _Payload()}, path)
     with pytest.raises(ValueError, match=rf"checkpoint {path} cannot be read \(UnpicklingError: .*weights_only"):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_written_before_rpn_head_existed_resumes_with_the_default_head_only(compose_cfg):
+    saved = {"config": OmegaConf.to_container(compose_cfg("rpn=focal_softmax"))}
+    del saved["config"]["rpn"]["head"]  # as every checkpoint written before the key was added
+    check_resume_config(saved, compose_cfg("rpn=focal_softmax"), "last.pt")
+    with pytest.raises(ValueError, match=r"rpn.head.kind: checkpoint 'shared', now 'decoupled'"):
+        check_resume_config(saved, compose_cfg("rpn=focal_softmax", "rpn.head.kind=decoupled"), "last.pt")

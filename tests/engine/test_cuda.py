@@ -18,8 +18,8 @@ from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.step import TrainStep
 from fl_rpn.engine.trainer import train
 from fl_rpn.events import EventStorage
-from fl_rpn.model import build_model
-from fl_rpn.rpn import FocalLossRPN
+from fl_rpn.modeling.model import build_model
+from fl_rpn.modeling.rpn import FocalLossRPN
 
 from ..conftest import TINY_RECALL, free_port
 
@@ -108,7 +108,7 @@ def test_the_focal_loss_is_the_same_on_cpu_and_cuda():
 
 
 def _two_logit_head():
-    from fl_rpn.rpn import TwoLogitRPNHead
+    from fl_rpn.modeling.rpn import TwoLogitRPNHead
 
     return TwoLogitRPNHead(4, 3)
 

@@ -1,4 +1,4 @@
-"""DDP on the CPU: 2 gloo processes on 127.0.0.1 train tiny synthetic runs through the real app (``fl_rpn.train``).
+"""DDP on the CPU: 2 gloo processes on 127.0.0.1 train tiny synthetic runs through the real app (``fl_rpn.cli.train``).
 
 Each rank is ``ddp_worker.py`` run as a script by ``launch_ddp`` (``conftest.py``) with torchrun's environment
 variables set by hand, so the ranks can start with different Hydra run directories. The worker records the
@@ -238,7 +238,7 @@ def test_a_rank_resumes_its_stream_where_it_stopped():
 
 def test_every_trainable_parameter_gets_a_gradient(compose_cfg):
     """So DDP needs no ``find_unused_parameters``, with either RPN and with an image without boxes."""
-    from fl_rpn.model import build_model
+    from fl_rpn.modeling.model import build_model
 
     images = [torch.rand(3, 96, 128), torch.rand(3, 96, 128)]
     targets = [
@@ -274,8 +274,8 @@ def normalizer_records(tmp_path_factory, module_cache):
 def test_the_logged_normalizer_and_easy_negative_share_are_global_on_every_rank(normalizer_records):
     """``rpn/focal_normalizer`` is max(1, N_pos) of the global batch (not that over the world size), and
     ``rpn/easy_negative_loss_share`` the ratio of the global sums (not a mean of the ranks' ratios)."""
-    from fl_rpn.diagnostics import EASY_LOGIT
-    from fl_rpn.losses import sigmoid_focal_loss
+    from fl_rpn.modeling.diagnostics import EASY_LOGIT
+    from fl_rpn.modeling.losses import sigmoid_focal_loss
 
     for form in ("sigmoid", "softmax"):
         for case, counts in NORMALIZER_CASES.items():

@@ -32,7 +32,7 @@ TIMEOUT = 120  # seconds; a run of these takes 15-30 s on a busy 2-core machine,
 CLI = [*FAST, "schedule.max_iters=6"]  # 3 batches per epoch: every train image is loaded within 3 iterations
 
 # the full-disk and diverging-weights seams: patched in the subprocess, the app then runs as fl-rpn-train does
-RUN_APP = "import sys; sys.argv[0] = 'fl-rpn-train'; from fl_rpn.train import main; main()"
+RUN_APP = "import sys; sys.argv[0] = 'fl-rpn-train'; from fl_rpn.cli.train import main; main()"
 FULL_DISK = (
     "import errno, torch\n"
     "def save(obj, f, *args, **kwargs):\n"
@@ -140,7 +140,7 @@ def test_eval_with_a_bad_val_image_exits_with_its_message(tmp_path, cache):
     spoil(val_images[2], "not_an_image")
     proc = run(
         f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY_DATA, "num_workers=2", "eval.batch_size=1",
-        f"hydra.run.dir={tmp_path / 'eval'}", cache=cache, module="fl_rpn.eval",
+        f"hydra.run.dir={tmp_path / 'eval'}", cache=cache, module="fl_rpn.cli.eval",
     )  # fmt: skip
     assert_clear_error(proc, f"ValueError: Image {val_images[2]} cannot be decoded")
 
@@ -319,14 +319,18 @@ def test_a_bad_config_value_is_one_line_and_a_failed_start_leaves_no_folder(tmp_
 @pytest.mark.parametrize(
     "module,args,message",
     [
-        ("fl_rpn.eval", ["checkpoint=/nonexistent/last.pt"], "FileNotFoundError: checkpoint /nonexistent/last.pt does"),
-        ("fl_rpn.predict", ["checkpoint=/nonexistent/last.pt", "inputs=[x.png]"], "FileNotFoundError: checkpoint"),
-        ("fl_rpn.check_data", ["rpn.gamma=-1"], "ValueError: config key rpn.gamma=-1: must be a number >= 0"),
-        ("fl_rpn.report", ["/nonexistent/multirun"], "fl-rpn-report: "),
+        (
+            "fl_rpn.cli.eval",
+            ["checkpoint=/nonexistent/last.pt"],
+            "FileNotFoundError: checkpoint /nonexistent/last.pt does",
+        ),
+        ("fl_rpn.cli.predict", ["checkpoint=/nonexistent/last.pt", "inputs=[x.png]"], "FileNotFoundError: checkpoint"),
+        ("fl_rpn.cli.check_data", ["rpn.gamma=-1"], "ValueError: config key rpn.gamma=-1: must be a number >= 0"),
+        ("fl_rpn.cli.report", ["/nonexistent/multirun"], "fl-rpn-report: "),
     ],
 )
 def test_every_console_script_prints_its_expected_errors_in_one_line(tmp_path, cache, module, args, message):
-    proc = run(*args, f"hydra.run.dir={tmp_path / 'run'}" if module != "fl_rpn.report" else "--out=x",
+    proc = run(*args, f"hydra.run.dir={tmp_path / 'run'}" if module != "fl_rpn.cli.report" else "--out=x",
                cache=cache, module=module)  # fmt: skip
     assert_clear_error(proc, message)
 

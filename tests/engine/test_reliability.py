@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from fl_rpn.config import compose_config
+from fl_rpn.config_check import validate_config
 from fl_rpn.data import build_dataset
 from fl_rpn.engine import trainer
 from fl_rpn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from fl_rpn.engine.stream import TrainStream
 from fl_rpn.engine.trainer import NonFiniteLossError, train
-from fl_rpn.model import build_model
-from fl_rpn.validation import validate_config
+from fl_rpn.modeling.model import build_model
 
 from ..conftest import FAST, free_port, start_app
 
@@ -255,9 +255,9 @@ def test_the_stream_is_the_same_from_any_iteration_with_or_without_workers(cache
 
 
 def test_under_submitit_only_rank_zero_writes_train_log(tmp_path, cache):
-    """submitit runs Hydra's job setup in every rank (not ``fl_rpn.train.main``): each opens the same train.log."""
+    """submitit runs Hydra's job setup in every rank (not ``fl_rpn.cli.train.main``): each opens the same train.log."""
     run, port = tmp_path / "run", str(free_port())
-    code = "import sys; sys.argv[0] = 'fl-rpn-train'; from fl_rpn.train import train_app; train_app()"
+    code = "import sys; sys.argv[0] = 'fl-rpn-train'; from fl_rpn.cli.train import train_app; train_app()"
     procs = []
     for rank in (0, 1):
         env = {

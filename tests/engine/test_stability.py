@@ -21,9 +21,9 @@ from fl_rpn.engine.stability import (
     window_statistics,
 )
 from fl_rpn.engine.step import TrainStep
-from fl_rpn.model import build_model
+from fl_rpn.modeling.model import build_model
+from fl_rpn.modeling.rpn_heads import replace_rpn_head
 from fl_rpn.report import load_runs, markdown, summarize_runs
-from fl_rpn.rpn_heads import replace_rpn_head
 
 
 def test_coefficient_of_variation():

@@ -13,7 +13,7 @@ from fl_rpn.engine.checkpoint import load_checkpoint
 from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.trainer import train
 from fl_rpn.events import current_storage
-from fl_rpn.model import build_model
+from fl_rpn.modeling.model import build_model
 
 from ..conftest import FAST, TINY
 

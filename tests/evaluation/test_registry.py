@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fl_rpn.config import compose_config
+from fl_rpn.config_check import validate_config
 from fl_rpn.evaluation import (
     EVALUATORS,
     CocoEvaluator,
@@ -26,7 +27,6 @@ from fl_rpn.evaluation import (
 from fl_rpn.evaluation.recall import AR, R50
 from fl_rpn.evaluation.registry import option_names
 from fl_rpn.report import DEFAULT_METRICS, _is_fraction, _is_score, recall_curve
-from fl_rpn.validation import validate_config
 
 META = SimpleNamespace(class_names=["person", "car"], category_ids=[1, 3])
 

@@ -19,9 +19,9 @@ from typing import Annotated, Any
 from omegaconf import DictConfig
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from ..config_check import _check, _check_int, _check_number
 from .rpn import BOX_NORMALIZERS, FORMS, use_focal_rpn, use_sampled_rpn
 from .rpn_heads import GROUPS, HEADS, NORMS, replace_rpn_head
-from .validation import _check, _check_int, _check_number
 
 __all__ = ["RPN_BUILDERS", "SHARED_KEYS", "RPN_DETECTOR_KEYS", "register_rpn", "check_rpn_config", "build_rpn"]
 

@@ -7,8 +7,8 @@ Config groups read here (see ``conf/model`` and ``conf/rpn``):
     ``channels_last`` / ``compile`` (root keys): applied by ``apply_speed_options`` where the trainer builds the model.
     ``model.detector``: keyword arguments of ``FasterRCNN`` (min_size, box_* ...), passed verbatim.
     ``rpn.*``: the shared keys (``conf/_base/rpn.yaml``) are FasterRCNN's ``rpn_*`` arguments
-    (``fl_rpn.rpn_registry.RPN_DETECTOR_KEYS``); ``rpn.loss`` names the variant's builder in
-    ``fl_rpn.rpn_registry``, which reads and checks the other keys and replaces ``model.rpn``: ``sampled``
+    (``fl_rpn.modeling.rpn_registry.RPN_DETECTOR_KEYS``); ``rpn.loss`` names the variant's builder in
+    ``fl_rpn.modeling.rpn_registry``, which reads and checks the other keys and replaces ``model.rpn``: ``sampled``
     (``batch_size_per_image`` / ``positive_fraction`` / ``box_normalizer``: torchvision's ``RegionProposalNetwork``
     untouched for ``sampled``, ``BoxPositivesRPN`` for ``positives``) or ``focal`` (``FocalLossRPN`` with
     ``form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob`` / ``box_normalizer``, and for the
@@ -34,7 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .errors import WeightsUnavailableError
+from ..errors import WeightsUnavailableError
 from .rpn_registry import RPN_DETECTOR_KEYS, build_rpn, check_rpn_config
 
 __all__ = ["build_model", "build_backbone", "apply_speed_options", "TinyBackbone", "RPN_DETECTOR_KEYS", "COMPILE_MODES"]
@@ -76,7 +76,7 @@ _BACKBONES = {"r50_fpn": "resnet50", "mbv3_fpn": "mobilenet_v3_large", "tiny_fpn
 def backbone_weights_source(model_cfg: DictConfig, need_file: bool = True):
     """What ``model.backbone_weights`` names: ``None``, a local file ``Path`` or a torchvision weights enum.
 
-    Reads and downloads nothing, so the config check (``fl_rpn.validation``) calls it before any data is read.
+    Reads and downloads nothing, so the config check (``fl_rpn.config_check``) calls it before any data is read.
     ``need_file=False`` accepts a missing file (resuming: the checkpoint holds the weights).
     """
     weights, what = model_cfg.backbone_weights, _BACKBONES.get(model_cfg.name)

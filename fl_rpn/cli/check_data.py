@@ -3,7 +3,7 @@
 fl-rpn-check-data dataset=coco128 data_root=/data                 # same overrides as fl-rpn-train
 fl-rpn-check-data dataset=coco data_root=/data check_images=header  # headers only: faster, misses truncation
 
-The config is validated first, as ``fl-rpn-train`` does (``fl_rpn.validation``): a bad value stops the command
+The config is validated first, as ``fl-rpn-train`` does (``fl_rpn.config_check``): a bad value stops the command
 with the key named, before any data is read. Then it prints, per split, the image / box / class counts, what
 the reader skipped or flagged (clipped and dropped boxes, empty images, ...) and every problem (a file that is
 missing, not an image, truncated, or of another size than its annotations say; or the reader's error for a
@@ -15,10 +15,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .config import CONF_DIR
-from .data import SplitReport, build_dataset, check_dataset
-from .errors import report_errors
-from .validation import validate_config
+from ..config import CONF_DIR
+from ..config_check import validate_config
+from ..data import SplitReport, build_dataset, check_dataset
+from ..errors import report_errors
 
 
 def check_data(cfg: DictConfig) -> list[SplitReport]:

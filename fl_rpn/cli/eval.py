@@ -7,14 +7,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from .config import CONF_DIR
-from .data import build_dataset
-from .engine.checkpoint import model_from_checkpoint
-from .engine.distributed import DistInfo
-from .engine.trainer import run_evaluation, select_device
-from .errors import report_errors
-from .evaluation import summarize, without_per_class
-from .provenance import provenance, trained_with
+from ..config import CONF_DIR
+from ..data import build_dataset
+from ..engine.checkpoint import model_from_checkpoint
+from ..engine.distributed import DistInfo
+from ..engine.trainer import run_evaluation, select_device
+from ..errors import report_errors
+from ..evaluation import summarize, without_per_class
+from ..provenance import provenance, trained_with
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:

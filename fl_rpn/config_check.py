@@ -32,7 +32,7 @@ def _check_int(key: str, value: Any, minimum: int) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    from .rpn_registry import check_rpn_config  # which imports the checks above
+    from .modeling.rpn_registry import check_rpn_config  # which imports the checks above
 
     rpn = cfg.rpn  # the shared keys here; rpn.loss and its variant's keys: check_rpn_config, after them
     _check_number("rpn.fg_iou_thresh", rpn.fg_iou_thresh, lambda v: 0 <= v <= 1, "in [0, 1]")
@@ -52,7 +52,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_int("schedule.warmup_iters", s.warmup_iters, 0)
     _check_int("schedule.eval_every", s.eval_every, 0)
     _check_number("schedule.warmup_factor", s.warmup_factor, lambda v: 0 < v <= 1, "in (0, 1]")
-    _check_number("schedule.gamma", s.gamma, lambda v: v > 0, "> 0")
+    _check_number("schedule.lr_decay", s.lr_decay, lambda v: v > 0, "> 0")
     steps_ok = isinstance(s.steps, ListConfig | list) and all(isinstance(v, int) for v in s.steps)
     _check(steps_ok and list(s.steps) == sorted(s.steps), "schedule.steps", s.steps,
            "must be an increasing list of integers")  # fmt: skip
@@ -94,7 +94,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _validate_model(cfg: DictConfig) -> None:
     """``model.name`` and ``model.backbone_weights`` (null, a torchvision weights name, or an existing file)."""
-    from .model import _BACKBONES, backbone_weights_source
+    from .modeling.model import _BACKBONES, backbone_weights_source
 
     _check(cfg.model.name in _BACKBONES, "model.name", cfg.model.name, f"must be one of {list(_BACKBONES)}")
     resuming = cfg.get("resume") not in (False, None, "false")  # the checkpoint then holds the weights

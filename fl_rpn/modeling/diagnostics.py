@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from .events import current_storage
+from ..events import current_storage
 
 EASY_LOGIT = -math.log(9.0)  # sigmoid(EASY_LOGIT) = 0.1: a negative below it has p_t > 0.9
 

@@ -32,9 +32,9 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
-from .config import base_values
+from ..config import base_values
+from ..events import current_storage
 from .diagnostics import anchor_statistics
-from .events import current_storage
 from .losses import sigmoid_focal_loss
 
 __all__ = [
@@ -363,8 +363,8 @@ def use_focal_rpn(
     proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses
     ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
     is logged. ``box_normalizer`` and ``batch_size_per_image``: see ``FocalLossRPN``. ``head`` (``shared``,
-    ``decoupled``, ``shared_matched``) with ``head_options``: ``fl_rpn.rpn_heads.replace_rpn_head``; the default
-    ``shared`` without options keeps the head as described above. The other keyword defaults are the focal
+    ``decoupled``, ``shared_matched``) with ``head_options``: ``fl_rpn.modeling.rpn_heads.replace_rpn_head``;
+    the default ``shared`` without options keeps the head as described above. The other keyword defaults are the focal
     options' (``FOCAL_DEFAULTS``, from ``conf/_base/focal.yaml``).
     """
     head_kind = head  # ``head`` names the new head below

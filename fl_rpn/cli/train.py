@@ -11,10 +11,10 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from .config import CONF_DIR
-from .engine.distributed import launched_by
-from .engine.trainer import train
-from .errors import report_errors
+from ..config import CONF_DIR
+from ..engine.distributed import launched_by
+from ..engine.trainer import train
+from ..errors import report_errors
 
 # Exit status after SIGTERM (pre-emption, scancel): what a shell reports for a process killed by SIGTERM,
 # so that `fl-rpn-train ... && next-step` and job accounting do not take a pre-empted run for a finished one.

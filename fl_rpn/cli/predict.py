@@ -10,13 +10,13 @@ from omegaconf import DictConfig
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from .config import CONF_DIR
-from .data.dataset import read_image
-from .data.yolo import IMAGE_SUFFIXES
-from .engine.checkpoint import model_from_checkpoint
-from .engine.evaluate import predict
-from .engine.trainer import select_device
-from .errors import report_errors
+from ..config import CONF_DIR
+from ..data.dataset import read_image
+from ..data.yolo import IMAGE_SUFFIXES
+from ..engine.checkpoint import model_from_checkpoint
+from ..engine.evaluate import predict
+from ..engine.trainer import select_device
+from ..errors import report_errors
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -99,7 +99,7 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor, gap: int = 8) -> torch
 
 def ground_truth_by_file(cfg: DictConfig) -> dict[Path, dict]:
     """``dataset.val``'s ground truth per resolved image path: ``{"boxes": [M, 4], "labels": [M], "ignore": [M]}``."""
-    from .data import build_dataset
+    from ..data import build_dataset
 
     records = build_dataset(cfg.dataset.val, train=False).records
     return {
