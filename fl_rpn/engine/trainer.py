@@ -157,6 +157,43 @@ def resume_state(ckpt, cfg, path, *, model, optimizer, scheduler, scaler, dist_i
     return ckpt["iteration"]
 
 
+def write_run_header(cfg: DictConfig, output_dir: Path, train_set, val_set, global_batch: int) -> None:
+    """Rank 0: the run directory with ``config_resolved.yaml``, and the data and batch in ``train.log``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info(
+        "train: %d images, val: %d images, %d classes; global batch %d, lr %.4g", len(train_set), len(val_set),
+        train_set.meta.num_classes, global_batch, scaled_lr(cfg.optim, global_batch),
+    )  # fmt: skip
+
+
+def build_hooks(cfg: DictConfig, state: TrainState, preemption: Preemption, scaler, saved: dict) -> list:
+    """The hooks of a run, in the order they run, with the state ``saved`` in the checkpoint (``hooks/<name>``)."""
+    schedule = cfg.schedule
+    ema = EMA(model=state.model, decay=cfg.ema) if cfg.ema is not None else None  # after resume: the loaded weights
+    logger = MetricsLogger(log_every=schedule.log_every, max_iters=schedule.max_iters)
+
+    def evaluate(model) -> dict[str, float]:
+        return run_evaluation(cfg, model, state.val_set, state.device, state.dist_info)
+
+    st = cfg.stability
+    stability = StabilityMonitor(
+        logger=logger, log_every=schedule.log_every, max_iters=schedule.max_iters, k=st.spike_k,
+        median_window=st.median_window, probe_every=st.probe_every,
+    ) if st.enabled else None  # fmt: skip
+    # evaluation before the checkpoint: a checkpoint holds its iteration's evaluation and the RNG state after it
+    hooks = [
+        preemption, ema, logger, stability,
+        Evaluation(evaluate=evaluate, eval_every=schedule.eval_every, logger=logger, ema=ema),
+        Checkpointer(checkpoint_every=schedule.checkpoint_every, scaler=scaler),
+    ]  # fmt: skip
+    hooks = [h for h in hooks if h is not None]
+    for hook in hooks:
+        if hook.name in saved:
+            hook.load_state_dict(saved[hook.name])
+    return hooks
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, evaluate and write ``metrics.json``; returns the metrics (rank 0; ``{}`` on other ranks).
 
@@ -188,12 +225,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if dist_info.enabled else model  # fmt: skip
     if dist_info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        log.info(
-            "train: %d images, val: %d images, %d classes; global batch %d, lr %.4g", len(train_set), len(val_set),
-            train_set.meta.num_classes, global_batch, scaled_lr(cfg.optim, global_batch),
-        )  # fmt: skip
+        write_run_header(cfg, output_dir, train_set, val_set, global_batch)
 
     schedule = cfg.schedule
     preemption = Preemption()
@@ -209,31 +241,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir=output_dir, train_set=train_set, val_set=val_set, start_iter=start_iter, iteration=start_iter,
         history=history,
     )  # fmt: skip
-    ema = EMA(model=model, decay=cfg.ema) if cfg.ema is not None else None  # after resume: from the loaded weights
-    logger = MetricsLogger(log_every=schedule.log_every, max_iters=schedule.max_iters)
-    evaluation = Evaluation(evaluate=lambda m: run_evaluation(cfg, m, val_set, device, dist_info),
-                            eval_every=schedule.eval_every, logger=logger, ema=ema)  # fmt: skip
-    checkpointer = Checkpointer(checkpoint_every=schedule.checkpoint_every, scaler=scaler)
-    # evaluation before the checkpoint: a checkpoint holds its iteration's evaluation and the RNG state after it
-    st = cfg.stability
-    stability = (
-        [
-            StabilityMonitor(
-                logger=logger,
-                log_every=schedule.log_every,
-                max_iters=schedule.max_iters,
-                k=st.spike_k,
-                median_window=st.median_window,
-                probe_every=st.probe_every,
-            )
-        ]  # fmt: skip
-        if st.enabled
-        else []
-    )
-    state.hooks = [preemption, *([ema] if ema else []), logger, *stability, evaluation, checkpointer]
-    for hook in state.hooks:
-        if hook.name in ckpt.get("hooks", {}):
-            hook.load_state_dict(ckpt["hooks"][hook.name])
+    state.hooks = build_hooks(cfg, state, preemption, scaler, ckpt.get("hooks", {}))
     stream = TrainStream(
         train_set, cfg.batch_size, cfg.num_workers, cfg.seed, cfg.group_aspect_ratio, dist_info,
         pin_memory=device.type == "cuda",
