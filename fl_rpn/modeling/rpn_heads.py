@@ -65,6 +65,18 @@ def _init_convs(module: nn.Module) -> None:
                 nn.init.zeros_(layer.bias)
 
 
+def _checked_width(in_channels: int, num_convs: int, width: int | None, norm: str | None, form: str) -> int:
+    """The tower width (``None``: ``C``), after checking the options."""
+    width = in_channels if width is None else width
+    _check(num_convs, width, norm, form)
+    return width
+
+
+def _output_layers(width: int, num_anchors: int, form: str) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """``cls_logits`` (``K A`` channels) and ``bbox_pred`` (``4 A``): 1x1 convolutions over a tower's output."""
+    return nn.Conv2d(width, FORMS[form] * num_anchors, kernel_size=1), nn.Conv2d(width, 4 * num_anchors, kernel_size=1)
+
+
 class SharedRPNHead(nn.Module):
     """``conv`` (a tower shared by both outputs), then ``cls_logits`` ``[N, K A]`` and ``bbox_pred`` ``[N, 4 A]``.
 
@@ -79,12 +91,10 @@ class SharedRPNHead(nn.Module):
         width: int | None = None, norm: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        width = in_channels if width is None else width
-        _check(num_convs, width, norm, form)
+        width = _checked_width(in_channels, num_convs, width, norm, form)
         self.form = form
         self.conv = conv_tower(in_channels, width, num_convs, norm)
-        self.cls_logits = nn.Conv2d(width, FORMS[form] * num_anchors, kernel_size=1)
-        self.bbox_pred = nn.Conv2d(width, 4 * num_anchors, kernel_size=1)
+        self.cls_logits, self.bbox_pred = _output_layers(width, num_anchors, form)
         _init_convs(self)
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -109,13 +119,11 @@ class DecoupledRPNHead(nn.Module):
         width: int | None = None, norm: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        width = in_channels if width is None else width
-        _check(num_convs, width, norm, form)
+        width = _checked_width(in_channels, num_convs, width, norm, form)
         self.form = form
         self.cls_tower = conv_tower(in_channels, width, num_convs, norm)
         self.box_tower = conv_tower(in_channels, width, num_convs, norm)
-        self.cls_logits = nn.Conv2d(width, FORMS[form] * num_anchors, kernel_size=1)
-        self.bbox_pred = nn.Conv2d(width, 4 * num_anchors, kernel_size=1)
+        self.cls_logits, self.bbox_pred = _output_layers(width, num_anchors, form)
         _init_convs(self)
 
     def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
