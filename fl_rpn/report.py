@@ -482,6 +482,9 @@ def markdown(
                   "the largest spike (its loss over that median) the maximum; then mean ± sd (n) over seeds.",
                   ""]  # fmt: skip
         lines += _md_table(stability, {arm: _row_cells(row, stability) for arm, row in table.items()})
+        if "box_loss_spikes.png" in plots:
+            lines += ["", "box_loss_spikes.png: each run's RPN box loss (logging-window means), the windows holding "
+                      "spikes circled in red."]  # fmt: skip
 
     incomplete = [r for r in runs if r.metrics is None]
     started = [r for r in incomplete if not r.status.startswith("not started")]
@@ -627,6 +630,28 @@ def loss_curve_panels(summary: dict) -> dict[str, dict[str, tuple[list[int], lis
     return panels
 
 
+SPIKES = "stability/box_spikes"
+SpikeRun = tuple[str, list[int], list[float], list[tuple[int, float, float]]]
+
+
+def box_spike_panels(summary: dict) -> dict[str, list[SpikeRun]]:
+    """Per arm that logged :data:`SPIKES`, per run: ``(seed, iterations, loss_rpn_box_reg, marks)``, the logged
+    box loss (each logging window's mean) and one ``(iteration, box loss, spikes)`` per window that held a spike."""
+    panels = {}
+    for arm, members in summary["arms"].items():
+        runs = []
+        for r in sorted(members, key=lambda r: str(r.overrides.get("seed"))):
+            logged = [h for h in r.history if _finite(h.get("loss_rpn_box_reg"))]
+            if not any(SPIKES in h for h in logged):
+                continue
+            marks = [(h["iteration"], h["loss_rpn_box_reg"], h[SPIKES]) for h in logged if h.get(SPIKES, 0) > 0]
+            runs.append((str(r.overrides.get("seed", "-")), [h["iteration"] for h in logged],
+                         [h["loss_rpn_box_reg"] for h in logged], marks))  # fmt: skip
+        if runs:
+            panels[arm] = runs
+    return panels
+
+
 def too_short_to_rank(summary: dict, metrics: list[str], threshold: float = 0.01) -> str | None:
     """A warning when every arm's mean of every fraction metric (AP, AR, mAP) is below ``threshold``: runs far
     too short to rank the arms, whose differences are noise around zero."""
@@ -711,6 +736,30 @@ def plot(summary: dict, metrics: list[str], out_dir: Path) -> list[Path]:
         ax.set_ylabel("easy-negative share of objectness loss (%)\n(p_t > 0.9; mean over seeds)")
         ax.legend(fontsize=7)
         save(fig, "imbalance.png")
+
+    spikes = box_spike_panels(summary)
+    if spikes:
+        cols = min(3, len(spikes))
+        rows = math.ceil(len(spikes) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharex=True)
+        for ax, (arm, runs) in zip(axes.flat, spikes.items()):
+            for i, (seed, iterations, loss, marks) in enumerate(runs):
+                ax.plot(iterations, loss, color=f"C{i % 10}", linewidth=0.9, label=f"seed {seed}")
+                if marks:
+                    ax.scatter([m[0] for m in marks], [m[1] for m in marks], s=[18 * m[2] for m in marks],
+                               facecolors="none", edgecolors="red", linewidths=1.0, zorder=3)  # fmt: skip
+            total = sum(m[2] for *_, marks in runs for m in marks)
+            ax.set_title(f"{tick_label(arm)}: {total:g} spikes", fontsize=8)
+            ax.set_yscale("log")
+        for ax in axes.flat[len(spikes) :]:
+            ax.axis("off")
+        for ax in axes[-1]:
+            ax.set_xlabel("iteration")
+        axes[0][0].set_ylabel("loss_rpn_box_reg (logging-window mean)")
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle("RPN box loss per run; red circles: windows with spikes (a step > k x its running median), "
+                     "area ~ count", fontsize=8)  # fmt: skip
+        save(fig, "box_loss_spikes.png")
 
     curve = recall_curve(metrics)
     if any(key in summary["table"][a] for a in arms for _, key in curve):

@@ -33,7 +33,7 @@ TIMEOUT = 300  # seconds; each script takes 5-25 s on a busy 2-core machine
 SCRIPTS = {
     "benchmarks/rpn_loss.py", "benchmarks/train_step.py", "benchmarks/gpu_throughput.py", "benchmarks/sync_count.py",
     "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
-    "benchmarks/gpu_check.sh", "prior_init/measure.py", "stability/run.py",
+    "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "prior_init/measure.py", "stability/run.py",
 }  # fmt: skip
 # files the scripts write by default: --no-write, --results and $OUT keep them as they are
 DEFAULT_OUTPUTS = [BENCH / "RESULTS.md", EXPERIMENTS / "stability" / "results.json"]
@@ -92,6 +92,27 @@ def test_rpn_loss(tmp_path, cache):
     assert [r[0] for r in rows] == [f"(b) RPN loss {arm}, {n} anchors" for n in ("2,000", "4,000")
                                     for arm in ("focal_sigmoid", "focal_softmax")]  # fmt: skip
     assert {r[3] for r in rows} == {"dry run"}
+
+
+def test_train_step_compares_heads(tmp_path, cache):
+    args = ["--size", "96,128", "--batch", "1", "--rounds", "1", "--warmup", "0", "--no-write",
+            "--arms", "sampled,sampled/decoupled"]  # fmt: skip
+    run_script(BENCH / "train_step.py", *args, "--json", str(tmp_path / "heads.json"), cache=cache, cwd=tmp_path)
+    numbers = json.loads((tmp_path / "heads.json").read_text())
+    assert set(numbers["median_ms"]) == {"sampled", "sampled/decoupled"}
+    assert set(numbers["time_ratio_paired"]) == {"sampled/decoupled"}
+    assert numbers["memory_ratio"]["sampled/decoupled"] > 1.0  # the decoupled head holds a second tower
+
+
+def test_stability_cost(tmp_path, cache):
+    args = ["--size", "96,128", "--batch", "1", "--rounds", "1", "--warmup", "0", "--log-every", "4",
+            "--probe-every", "2", "--rpn", "focal_sigmoid", "--head", "decoupled", "--no-write"]  # fmt: skip
+    run_script(BENCH / "stability_cost.py", *args, "--json", str(tmp_path / "s.json"), cache=cache, cwd=tmp_path)
+    numbers = json.loads((tmp_path / "s.json").read_text())
+    assert (numbers["rpn"], numbers["head"], numbers["size"]) == ("focal_sigmoid", "decoupled", [96, 128])
+    arms = {"off", "window statistics", "+ probe every 2"}
+    assert set(numbers["median_ms_per_step"]) == set(numbers["time_ratio_paired"]) == arms
+    assert numbers["time_ratio_paired"]["off"] == 1.0 and all(map(positive, numbers["median_ms_per_step"].values()))
 
 
 def test_train_step(tmp_path, cache):

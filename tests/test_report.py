@@ -290,6 +290,29 @@ def test_loss_curves_plot_comparable_terms_and_short_runs_are_warned_about(tmp_p
     assert "Warning" not in markdown_text(tmp_path)
 
 
+def test_box_loss_spikes_are_marked_at_the_windows_that_held_them(tmp_path):
+    """box_loss_spikes.png: one panel per arm that logged stability/box_spikes, each run's box loss, a mark per
+    window with spikes at that window's loss; runs without the stability diagnostics get no panel."""
+    logged = [(10, 0.30, 0.0), (20, 0.25, 2.0), (30, 0.20, 0.0), (40, 0.22, 1.0)]
+    for seed in (0, 1):
+        history = [{"iteration": i, "loss_rpn_box_reg": loss + seed, "stability/box_spikes": n}
+                   for i, loss, n in logged]  # fmt: skip
+        fake_run(tmp_path, f"focal{seed}", ["rpn=focal_softmax", f"seed={seed}"], {"bbox/AP": 0.3}, history)
+        fake_run(tmp_path, f"sampled{seed}", ["rpn=sampled", f"seed={seed}"], {"bbox/AP": 0.3},
+                 [{"iteration": 10, "loss_rpn_box_reg": 0.1}])  # fmt: skip
+    from fl_rpn.report import box_spike_panels
+
+    summary = report([tmp_path], metrics=["bbox/AP"])
+    panels = box_spike_panels(summary)
+    assert list(panels) == ["rpn=focal_softmax"]
+    (seed0, its, loss, marks), (seed1, _, loss1, marks1) = panels["rpn=focal_softmax"]
+    assert (seed0, seed1) == ("0", "1") and its == [10, 20, 30, 40] and loss == [0.30, 0.25, 0.20, 0.22]
+    assert marks == [(20, 0.25, 2.0), (40, 0.22, 1.0)] and marks1 == [(20, 1.25, 2.0), (40, 1.22, 1.0)]
+    assert (tmp_path / "box_loss_spikes.png").stat().st_size > 0
+    assert "box_loss_spikes.png" in (tmp_path / "report.md").read_text()
+    assert summary["table"]["rpn=focal_softmax"]["stability/box_spikes"] == (3.0, 0.0, 2)  # summed per run
+
+
 def markdown_text(root):
     report([root], metrics=["bbox/AP", "bbox/AP50"])
     return (root / "report.md").read_text()

@@ -94,7 +94,11 @@ def make_arm(arm: str, args, num_classes: int, device: torch.device):
 
 
 def arm_overrides(arm: str, args) -> list[str]:
-    overrides = [f"model={args.model}", f"rpn={arm}", f"batch_size={args.batch}"]
+    """``arm``: an rpn preset, or ``preset/head`` with an ``rpn.head.kind`` (``focal_softmax/decoupled``)."""
+    rpn, _, head = arm.partition("/")
+    overrides = [f"model={args.model}", f"rpn={rpn}", f"batch_size={args.batch}"]
+    if head:
+        overrides.append(f"rpn.head.kind={head}")
     if args.size:
         overrides += [f"model.detector.min_size={args.size[0]}", f"model.detector.max_size={args.size[1]}"]
     return overrides
@@ -129,7 +133,8 @@ def main() -> None:
     parser.add_argument("--size", default="256,320", help="H,W of the images (also min_size,max_size); '' keeps "
                         "the model config's resize")  # fmt: skip
     parser.add_argument("--num-classes", type=int, default=5)
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(ARMS), help="rpn presets, each optionally /HEAD (rpn.head.kind), "
+                        "e.g. sampled,sampled/decoupled")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=20, help="timed steps per arm (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
@@ -226,6 +231,7 @@ def main() -> None:
             "channels_last": args.channels_last,
             "nodiag": args.no_diagnostics,
             "same_state": args.same_state,
+            "heads": any("/" in arm for arm in arms),
             f"threads{args.threads}": bool(args.threads),
         }
         name = "_".join(["train_step", *(k for k, on in variant.items() if on)])
@@ -235,6 +241,7 @@ def main() -> None:
             for text, on in ((f"amp {args.amp}", args.amp), ("channels_last", args.channels_last),
                              ("without diagnostics", args.no_diagnostics),
                              ("same weights and proposals in every arm", args.same_state),
+                             ("RPN heads compared", any("/" in arm for arm in arms)),
                              (f"{args.threads} torch thread(s)", args.threads))
             if on
         )  # fmt: skip
