@@ -482,6 +482,16 @@ def markdown(
                   "the largest spike (its loss over that median) the maximum; then mean ± sd (n) over seeds.",
                   ""]  # fmt: skip
         lines += _md_table(stability, {arm: _row_cells(row, stability) for arm, row in table.items()})
+        paired = [k for k in stability if any(k in row for row in summary["diffs"].values())]
+        if paired:
+            lines += ["", f"Paired differences vs {baseline} (same seed and other swept values), mean [95 % "
+                      "Student-t interval] (pairs), in the diagnostics' own units:", ""]  # fmt: skip
+            cells = {
+                arm: [f"{row[m][0]:+.2f} [{row[m][1]:+.2f}, {row[m][2]:+.2f}] ({row[m][3]})" if m in row else "-"
+                      for m in paired]
+                for arm, row in summary["diffs"].items()
+            }  # fmt: skip
+            lines += _md_table([f"Δ {m}" for m in paired], cells)
         if "box_loss_spikes.png" in plots:
             lines += ["", "box_loss_spikes.png: each run's RPN box loss (logging-window means), the windows holding "
                       "spikes circled in red."]  # fmt: skip

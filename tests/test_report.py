@@ -313,6 +313,21 @@ def test_box_loss_spikes_are_marked_at_the_windows_that_held_them(tmp_path):
     assert summary["table"]["rpn=focal_softmax"]["stability/box_spikes"] == (3.0, 0.0, 2)  # summed per run
 
 
+def test_stability_diagnostics_get_paired_differences_in_their_own_units(tmp_path):
+    """Each run's box CV is the mean over its logged windows; the report pairs the runs by seed and gives the mean
+    difference with its t-interval, unscaled (a CV is not a percentage)."""
+    cvs = {("rpn=focal_softmax", 0): [0.2, 0.4], ("rpn=focal_softmax", 1): [0.5],
+           ("rpn=sampled", 0): [0.1], ("rpn=sampled", 1): [0.2]}  # fmt: skip
+    for (arm, seed), windows in cvs.items():
+        history = [{"iteration": 10 * (i + 1), "stability/box_cv": cv} for i, cv in enumerate(windows)]
+        fake_run(tmp_path, f"{arm[4:]}{seed}", [arm, f"seed={seed}"], {"bbox/AP": 0.3}, history)
+    report([tmp_path], metrics=["bbox/AP"])
+    rows = markdown_table((tmp_path / "report.md").read_text(), "Δ stability/box_cv")
+    diffs = [0.3 - 0.1, 0.5 - 0.2]
+    half = t95(1) * statistics.stdev(diffs) / math.sqrt(2)
+    assert rows["rpn=focal_softmax"]["Δ stability/box_cv"] == f"+0.25 [{0.25 - half:+.2f}, {0.25 + half:+.2f}] (2)"
+
+
 def markdown_text(root):
     report([root], metrics=["bbox/AP", "bbox/AP50"])
     return (root / "report.md").read_text()
