@@ -365,6 +365,26 @@ def _is_fraction(metric: str) -> bool:
     return _is_score(metric) or metric.endswith("share")
 
 
+def per_class_metrics(runs: list[Run]) -> list[str]:
+    """The per-class metrics (``voc07/AP/<class>``) the finished runs recorded, in the order of the first run that
+    has each (the dataset's class order)."""
+    keys = {}
+    for r in runs:
+        for k in r.metrics or {}:
+            if getattr(metric_spec(k), "per_class", False):
+                keys.setdefault(k)
+    return list(keys)
+
+
+def _diff_cells(diffs: dict, names: list[str]) -> dict[str, list[str]]:
+    """Paired differences in points: ``+1.23 [-0.50, +2.96] (3)`` per arm and metric."""
+    return {
+        arm: [f"{_signed(row[m][0])} [{_signed(row[m][1])}, {_signed(row[m][2])}] ({row[m][3]})" if m in row
+              else "-" for m in names]
+        for arm, row in diffs.items()
+    }  # fmt: skip
+
+
 def recall_curve(metrics: list[str]) -> list[tuple[int, str]]:
     """``(k, key)`` of the ``proposal/AR@k`` keys among ``metrics``, by k: the points of proposal_recall.png."""
     points = [(AR.match(m), m) for m in metrics]
@@ -424,10 +444,11 @@ def markdown(
     plots: list[str] = (),
     expected_known: bool = True,
     curve_lines: list[str] = (),
+    per_class: list[str] = (),
 ) -> str:
     """The report; ``notes`` on the expected jobs go to the runs section (``expected_known``: whether every sweep's
     expected jobs could be read), ``plots`` (file names) get captions, ``curve_lines`` (the learning-curve section,
-    ``learning_curves.markdown_lines``) go before the runs."""
+    ``learning_curves.markdown_lines``) go before the runs, ``per_class`` metrics get their own section."""
     table = summary["table"]
     lines = [f"Swept keys: {', '.join(summary['swept']) or '(none)'}; arms by {', '.join(summary['arm_keys']) or '-'}.",
              "", *provenance_lines(runs), "", "## Metrics", "",
@@ -454,16 +475,19 @@ def markdown(
     if summary["diffs"]:
         lines += ["Same seed (and same other swept values), mean [95 % Student-t interval] (pairs), in percent:", ""]
         diff_metrics = [m for m in shown if _is_score(m)]
-        cells = {
-            arm: [f"{_signed(row[m][0])} [{_signed(row[m][1])}, {_signed(row[m][2])}] ({row[m][3]})" if m in row
-                  else "-" for m in diff_metrics]
-            for arm, row in summary["diffs"].items()
-        }  # fmt: skip
-        lines += _md_table([f"Δ {m}" for m in diff_metrics], cells)
+        lines += _md_table([f"Δ {m}" for m in diff_metrics], _diff_cells(summary["diffs"], diff_metrics))
         if "differences.png" in plots:
             lines += ["", "differences.png: the same differences, points at the mean, bars the 95 % interval "
                       "(t-quantile for pairs − 1 degrees of freedom; none for a single pair)."]  # fmt: skip
         lines += power_lines(summary, diff_metrics)
+
+    classes = [m for m in per_class if any(m in row for row in table.values())]
+    if classes:
+        lines += ["", "## Per-class AP", "", "In percent; mean ± sd (n) over seeds:", ""]
+        lines += _md_table(classes, {arm: _row_cells(row, classes) for arm, row in table.items()})
+        if summary["diffs"]:
+            lines += ["", f"Paired differences vs {baseline}, mean [95 % Student-t interval] (pairs), in points:", ""]
+            lines += _md_table([f"Δ {m}" for m in classes], _diff_cells(summary["diffs"], classes))
 
     diagnostics = [k for k in DIAGNOSTICS if any(k in row for row in table.values())]
     if diagnostics:
@@ -798,16 +822,18 @@ def report(
     out_dir = out_dir or roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics)
-    summary = summarize_runs(runs, metrics, baseline, effect / 100)
+    per_class = [m for m in per_class_metrics(runs) if m not in metrics]
+    summary = summarize_runs(runs, metrics + per_class, baseline, effect / 100)
     summary["not_started"] = missing
     plots = [p.name for p in plot(summary, metrics, out_dir)]
     curves = learning_curves.arm_curves(summary["arms"], metrics)  # runs with eval_history.json
     if learning_curves.plot(curves, metrics, out_dir / "learning_curves.png"):
         plots.append("learning_curves.png")
     curve_lines = learning_curves.markdown_lines(curves, metrics)
-    text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known, curve_lines=curve_lines)
+    text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known, curve_lines=curve_lines,
+                    per_class=per_class)  # fmt: skip
     (out_dir / "report.md").write_text(text)
-    write_csv(out_dir / "runs.csv", runs, metrics, summary["values"])
+    write_csv(out_dir / "runs.csv", runs, metrics + per_class, summary["values"])
     write_summary_csv(out_dir / "summary.csv", summary)
     print(text)
     return summary

@@ -328,6 +328,29 @@ def test_stability_diagnostics_get_paired_differences_in_their_own_units(tmp_pat
     assert rows["rpn=focal_softmax"]["Δ stability/box_cv"] == f"+0.25 [{0.25 - half:+.2f}, {0.25 + half:+.2f}] (2)"
 
 
+def test_per_class_ap_gets_its_own_tables_and_csv_columns(tmp_path):
+    """voc07/AP/<class> of every run: mean ± sd per arm in the dataset's class order, paired differences in points,
+    and a runs.csv column each; the headline table keeps only the headline metrics."""
+    aps = {("rpn=focal_softmax", 0): (0.80, 0.90), ("rpn=focal_softmax", 1): (0.70, 0.96),
+           ("rpn=sampled", 0): (0.75, 0.99), ("rpn=sampled", 1): (0.60, 0.97)}  # fmt: skip
+    for (arm, seed), (wbc, rbc) in aps.items():
+        metrics = {"voc07/mAP": (wbc + rbc) / 2, "voc07/AP/WBC": wbc, "voc07/AP/RBC": rbc}
+        fake_run(tmp_path, f"{arm[4:]}{seed}", [arm, f"seed={seed}"], metrics)
+    report([tmp_path], metrics=["voc07/mAP"])
+    text = (tmp_path / "report.md").read_text()
+    table = markdown_table(text, "voc07/AP/WBC")
+    assert list(table["rpn=sampled"]) == ["voc07/AP/WBC", "voc07/AP/RBC"]  # the first run's (dataset's) order
+    assert table["rpn=focal_softmax"]["voc07/AP/WBC"] == f"75.00 ± {100 * statistics.stdev([0.8, 0.7]):.2f} (2)"
+    diffs = markdown_table(text, "Δ voc07/AP/WBC")
+    wbc = [0.80 - 0.75, 0.70 - 0.60]  # +5 and +10 points
+    half = 100 * t95(1) * statistics.stdev(wbc) / math.sqrt(2)
+    assert diffs["rpn=focal_softmax"]["Δ voc07/AP/WBC"] == f"+7.50 [{7.5 - half:+.2f}, {7.5 + half:+.2f}] (2)"
+    assert diffs["rpn=focal_softmax"]["Δ voc07/AP/RBC"].startswith("-5.00 [")  # -9 and -1 points
+    assert "voc07/AP/WBC" not in markdown_table(text, "voc07/mAP")["rpn=sampled"]
+    rows = {r["run"]: r for r in read_csv(tmp_path / "runs.csv")}
+    assert float(rows["sampled1"]["voc07/AP/RBC"]) == 0.97
+
+
 def markdown_text(root):
     report([root], metrics=["bbox/AP", "bbox/AP50"])
     return (root / "report.md").read_text()
