@@ -160,6 +160,15 @@ def test_gpu_throughput_on_the_cpu(tmp_path, cache):
                                     "(d) loader: wait per step after the first"]  # fmt: skip
 
 
+def test_gpu_throughput_needs_the_loader_arms_fixed_batch_twin(tmp_path):
+    """The loader arm's images/s is compared with the fixed-batch arm of its settings: without that arm in --arms
+    the script stops at once, naming both, instead of measuring everything and failing at the end."""
+    proc = subprocess.run([sys.executable, BENCH / "gpu_throughput.py", "--device", "cpu", "--arms", "fp32",
+                           "--no-write"], capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    assert "--arms fp32 lacks bf16+cl, the fixed-batch arm the loader arm" in proc.stderr
+
+
 def test_sync_count_on_the_cpu(tmp_path, cache):
     """On the CPU nothing is counted (the sync debug mode is CUDA's): the script runs every form's step."""
     out = tmp_path / "out"
