@@ -376,11 +376,12 @@ def per_class_metrics(runs: list[Run]) -> list[str]:
     return list(keys)
 
 
-def _diff_cells(diffs: dict, names: list[str]) -> dict[str, list[str]]:
-    """Paired differences in points: ``+1.23 [-0.50, +2.96] (3)`` per arm and metric."""
+def _diff_cells(diffs: dict, names: list[str], fmt=_signed) -> dict[str, list[str]]:
+    """Paired differences per arm and metric, ``+1.23 [-0.50, +2.96] (3)``: mean [interval] (pairs), each number
+    through ``fmt`` (default: a fraction in percentage points)."""
     return {
-        arm: [f"{_signed(row[m][0])} [{_signed(row[m][1])}, {_signed(row[m][2])}] ({row[m][3]})" if m in row
-              else "-" for m in names]
+        arm: [f"{fmt(row[m][0])} [{fmt(row[m][1])}, {fmt(row[m][2])}] ({row[m][3]})" if m in row else "-"
+              for m in names]
         for arm, row in diffs.items()
     }  # fmt: skip
 
@@ -510,11 +511,7 @@ def markdown(
         if paired:
             lines += ["", f"Paired differences vs {baseline} (same seed and other swept values), mean [95 % "
                       "Student-t interval] (pairs), in the diagnostics' own units:", ""]  # fmt: skip
-            cells = {
-                arm: [f"{row[m][0]:+.2f} [{row[m][1]:+.2f}, {row[m][2]:+.2f}] ({row[m][3]})" if m in row else "-"
-                      for m in paired]
-                for arm, row in summary["diffs"].items()
-            }  # fmt: skip
+            cells = _diff_cells(summary["diffs"], paired, fmt=lambda x: f"{x:+.2f}")
             lines += _md_table([f"Δ {m}" for m in paired], cells)
         if "box_loss_spikes.png" in plots:
             lines += ["", "box_loss_spikes.png: each run's RPN box loss (logging-window means), the windows holding "

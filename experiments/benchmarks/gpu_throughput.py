@@ -179,11 +179,9 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the +compile arm")
     add_common_arguments(parser)
     args = parser.parse_args()
-    arms = [key.strip() for key in args.arms.split(",")]
-    for key in arms:
-        parse_arm(key)
-    twin = args.loader_amp + ("+cl" if args.loader_channels_last == "on" else "")
-    if args.data != "none" and twin not in arms:
+    arms = [parse_arm(key.strip()) for key in args.arms.split(",")]  # (amp, channels_last, compiled)
+    if args.data != "none" and (args.loader_amp, args.loader_channels_last == "on", False) not in arms:
+        twin = args.loader_amp + ("+cl" if args.loader_channels_last == "on" else "")
         parser.error(f"--arms {args.arms} lacks {twin}, the fixed-batch arm the loader arm (--loader-amp "
                      f"{args.loader_amp}, --loader-channels-last {args.loader_channels_last}) is compared with; "
                      "add it, change the loader arm's settings, or pass --data none")  # fmt: skip
@@ -217,8 +215,7 @@ def main() -> None:
     images, targets = make_batch(args.batch, size, args.num_classes, device, args.seed)
 
     samples, images_per_sample = {}, {}
-    for key in arms:
-        amp, channels_last, compiled = parse_arm(key)
+    for amp, channels_last, compiled in arms:
         compiled = args.compile_mode if compiled else None
         train_step = build_arm(args, amp, channels_last, size, device, compiled)
 
