@@ -1,14 +1,15 @@
 """``fl-rpn-report <multirun dir> [...]``: a sweep's runs -> report.md, runs.csv, summary.csv and PNG plots.
 
-Runs are the folders holding ``.hydra/overrides.yaml``. The keys whose values differ between runs are
-the swept keys; ``seed`` separates repetitions, every other swept key defines an arm. Per arm: mean ±
-standard deviation and n over seeds; per non-baseline arm: the paired difference to the baseline arm
-(same seed, same values of the other swept keys) with a 95 % Student-t interval across seeds, and its power:
-the sd of the differences, the minimal detectable difference (80 % power, 5 % two-sided, noncentral t) for
-the number of seeds run, and the seeds needed to detect an effect of ``--effect`` points (the paper's 0.4). The
-imbalance diagnostics (``rpn/...`` in ``history.json``) are averaged over each run's logged steps first; the
-stability and gradient-conflict diagnostics (``stability/...``, ``conflict/...``), when logged, are combined over
-them as :data:`STABILITY` says. Runs with ``eval_history.json`` get learning curves (``fl_rpn.learning_curves``).
+Runs are the folders holding ``.hydra/overrides.yaml``. The keys whose values differ between runs are the swept
+keys (``hydra.*`` and ``resume`` excepted: a resumed run stays in its arm, and the runs section lists it); ``seed``
+separates repetitions, every other swept key defines an arm. Per arm: mean ± standard deviation and n over seeds;
+per non-baseline arm: the paired difference to the baseline arm (same seed, same values of the other swept keys)
+with a 95 % Student-t interval across seeds, and its power: the sd of the differences, the minimal detectable
+difference (80 % power, 5 % two-sided, noncentral t) for the number of seeds run, and the seeds needed to detect an
+effect of ``--effect`` points (the paper's 0.4). The imbalance diagnostics (``rpn/...`` in ``history.json``) are
+averaged over each run's logged steps first; the stability and gradient-conflict diagnostics (``stability/...``,
+``conflict/...``), when logged, are combined over them as :data:`STABILITY` says. Runs with ``eval_history.json``
+get learning curves (``fl_rpn.learning_curves``).
 
 Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
 jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started. Two finished
@@ -179,8 +180,13 @@ def not_started(roots: list[Path], runs: list[Run]) -> tuple[list[Run], list[str
     return missing, notes, known
 
 
+# Keys that say how a run was carried out, not what it trains: a run resumed from its checkpoint (``resume=...``)
+# is the same job continued, so it stays in its arm instead of making one of its own.
+RUN_CONTROL_KEYS = {"resume"}
+
+
 def swept_keys(runs: list[Run]) -> list[str]:
-    keys = sorted({k for r in runs for k in r.overrides})
+    keys = sorted({k for r in runs for k in r.overrides} - RUN_CONTROL_KEYS)
     return [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1 and not k.startswith("hydra.")]
 
 
@@ -527,9 +533,11 @@ def markdown(
     lines += ["", "## Runs", "", *notes,
               f"Runs: {len(runs)}, finished: {len(runs) - len(incomplete)}, failed or unfinished: {len(started)}, "
               f"not started: {never}.", ""]  # fmt: skip
-    for r in incomplete:
+    resumed = [r for r in runs if r.metrics is not None and r.overrides.get("resume", "false") != "false"]
+    for r in [*incomplete, *resumed]:
         described = " ".join(f"{k}={r.overrides.get(k, '-')}" for k in summary["swept"] or list(r.overrides))
-        lines.append(f"- {r.path.name} ({described}): {r.status}")
+        how = r.status if r.metrics is None else f"finished, resumed from a checkpoint (resume={r.overrides['resume']})"
+        lines.append(f"- {r.path.name} ({described}): {how}")
     return "\n".join(lines) + "\n"
 
 

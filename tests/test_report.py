@@ -180,6 +180,20 @@ def test_a_repeated_arm_and_seed_is_an_error(tmp_path, capsys):
     assert not (tmp_path / "a" / "report.md").exists()
 
 
+def test_a_resumed_run_stays_in_its_arm_and_is_listed(tmp_path):
+    for seed, (sampled, focal) in enumerate(((0.50, 0.52), (0.60, 0.63))):
+        fake_run(tmp_path, f"s{seed}", ["rpn=sampled", f"seed={seed}"], {"bbox/AP": sampled})
+        resumed = ["resume=true"] if seed == 1 else []
+        fake_run(tmp_path, f"f{seed}", ["rpn=focal_softmax", f"seed={seed}", *resumed], {"bbox/AP": focal})
+    summary = report([tmp_path])
+    assert summary["arm_keys"] == ["rpn"] and summary["table"]["rpn=focal_softmax"]["bbox/AP"][2] == 2
+    diff, _, _, pairs = summary["diffs"]["rpn=focal_softmax"]["bbox/AP"]
+    assert pairs == 2 and diff == pytest.approx(0.025)
+    text = (tmp_path / "report.md").read_text()
+    assert "- f1 (rpn=focal_softmax seed=1): finished, resumed from a checkpoint (resume=true)" in text
+    assert "resume=" not in text.split("## Runs")[0]
+
+
 CELL = re.compile(r"(\S+) ± (\S+) \((\d+)\)")
 DIFF_CELL = re.compile(r"(\S+) \[(\S+), (\S+)\] \((\d+)\)")
 
