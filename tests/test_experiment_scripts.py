@@ -1,12 +1,12 @@
 """Every script under experiments/ runs with tiny arguments, in a subprocess, and writes what it promises.
 
 The benchmarks run on the CPU with ``--no-write`` (RESULTS.md stays as it is: checked) and, where they have it,
-``--json`` into ``tmp_path``; their JSON is read back, and made into the summary table of ``gpu_check_summary.py`` as
-``gpu_check.sh`` would. ``data_pipeline.py`` and ``prior_init/measure.py`` read a 4-image COCO-format stand-in for
-COCO128; ``stability/run.py`` trains one arm for one iteration; ``gpu_check.sh`` parses, and its ``--device cpu`` dry
-run goes through every step with a stand-in interpreter that records each command instead of running it (the steps'
-scripts are the ones run here). A script added to experiments/ without a test here fails
-``test_every_experiment_script_has_a_smoke_test``.
+``--json`` into ``tmp_path``; their JSON is read back, and made into the summary table of ``gpu_check_summary.py``
+as ``gpu_check.sh`` would. ``data_pipeline.py`` and ``prior_init/measure.py`` read a 4-image COCO-format stand-in
+for COCO128; ``stability/run.py`` trains one arm for one iteration; ``decoupled_head/objectness_scores.py`` scores
+two one-iteration runs; ``gpu_check.sh`` parses, and its ``--device cpu`` dry run goes through every step with a
+stand-in interpreter that records each command instead of running it (the steps' scripts are the ones run here). A
+script added to experiments/ without a test here fails ``test_every_experiment_script_has_a_smoke_test``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import torch
 from torchvision.io import write_jpeg
 
-from .conftest import TINY, run_app
+from .conftest import FAST, TINY, run_app, write_tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
@@ -34,6 +34,7 @@ SCRIPTS = {
     "benchmarks/rpn_loss.py", "benchmarks/train_step.py", "benchmarks/gpu_throughput.py", "benchmarks/sync_count.py",
     "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
     "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "prior_init/measure.py", "stability/run.py",
+    "decoupled_head/objectness_scores.py",
 }  # fmt: skip
 # files the scripts write by default: --no-write, --results and $OUT keep them as they are
 DEFAULT_OUTPUTS = [BENCH / "RESULTS.md", EXPERIMENTS / "stability" / "results.json"]
@@ -253,6 +254,28 @@ def test_stability_run(tmp_path, cache):
     assert arm["returncode"] == 0 and arm["finite"] is True and arm["iteration"] == arm["requested_iterations"] == 1
     assert arm["nonfinite_weights"] == [] and arm["nonfinite_scalars"] == [] and arm["tb_nonfinite"] == []
     assert arm["logged_points"] == 1 and positive(arm["loss_first"]) and (out / "focal_softmax" / "last.pt").is_file()
+
+
+def test_objectness_scores_of_heads_one_step_from_the_prior_init(tmp_path, cache):
+    """A sigmoid shared head and a softmax decoupled head one step after the prior init score every anchor near
+    the prior (0.01); the softmax layout pairs each anchor's own (bg, obj) logits (a mix-up would give 1/2)."""
+    _, val_images = write_tiny_data(cache)
+    runs = {"shared": ["rpn=focal_sigmoid", "rpn.head.kind=shared"],
+            "decoupled": ["rpn=focal_softmax", "rpn.head.kind=decoupled"]}  # fmt: skip
+    for name, overrides in runs.items():
+        run_app(*FAST, "schedule.max_iters=1", *overrides, f"hydra.run.dir={tmp_path / name}", cache=cache,
+                cwd=tmp_path)  # fmt: skip
+    proc = run_script(EXPERIMENTS / "decoupled_head" / "objectness_scores.py", "--images", str(val_images[0].parent),
+                      "--limit", "2", *(str(tmp_path / name) for name in runs), cache=cache, cwd=tmp_path)  # fmt: skip
+    assert f"2 images of {val_images[0].parent} ({val_images[0].name} .. {val_images[1].name})" in proc.stdout
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+            for line in proc.stdout.splitlines() if line.startswith(("| shared", "| decoupled")))}  # fmt: skip
+    assert rows["shared"][0] == "rpn=focal_sigmoid rpn.head.kind=shared seed=-"
+    assert rows["decoupled"][0] == "rpn=focal_softmax rpn.head.kind=decoupled seed=-"
+    for _, highest, percentile, above_half, dead in rows.values():
+        assert 0.009 < float(percentile) <= float(highest) < 0.015 and above_half == "0"
+        never_active, channels = map(int, dead.split("/"))
+        assert channels == 64 and 0 <= never_active < channels
 
 
 # -- gpu_check.sh and its summary ------------------------------------------------------------------------------------
