@@ -533,7 +533,7 @@ def markdown(
     lines += ["", "## Runs", "", *notes,
               f"Runs: {len(runs)}, finished: {len(runs) - len(incomplete)}, failed or unfinished: {len(started)}, "
               f"not started: {never}.", ""]  # fmt: skip
-    resumed = [r for r in runs if r.metrics is not None and r.overrides.get("resume", "false") != "false"]
+    resumed = [r for r in runs if r.metrics is not None and r.overrides.get("resume", "false").lower() != "false"]
     for r in [*incomplete, *resumed]:
         described = " ".join(f"{k}={r.overrides.get(k, '-')}" for k in summary["swept"] or list(r.overrides))
         how = r.status if r.metrics is None else f"finished, resumed from a checkpoint (resume={r.overrides['resume']})"

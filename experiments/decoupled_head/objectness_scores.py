@@ -23,6 +23,7 @@ from fl_rpn.modeling.losses import objectness_probability
 
 
 def head_scores(run_dir: Path, images: list[torch.Tensor]) -> dict[str, float | int | str]:
+    """The scores of the run's ``last.pt`` on ``images`` (``[3, H, W]`` floats in [0, 1]), as the table prints them."""
     model, _ = model_from_checkpoint(run_dir / "last.pt")
     model.eval()
     head = model.rpn.head
