@@ -102,7 +102,8 @@ def test_the_shared_rpn_keys_are_a_base_not_an_option():
 
     assert not list((CONF_DIR / "rpn").glob("_*.yaml"))
     assert options("rpn") == [
-        "focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "focal_softmax_boxsampled", "sampled", "sampled_boxpos",
+        "focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "focal_softmax_boxsampled", "focal_softmax_npos_ema",
+        "sampled", "sampled_boxpos",
     ]  # fmt: skip
     with pytest.raises(MissingConfigException, match="Could not find 'rpn/_common'"):
         compose_config(["rpn=_common"])

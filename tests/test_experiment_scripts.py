@@ -34,7 +34,7 @@ SCRIPTS = {
     "benchmarks/rpn_loss.py", "benchmarks/train_step.py", "benchmarks/gpu_throughput.py", "benchmarks/sync_count.py",
     "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
     "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "prior_init/measure.py", "stability/run.py",
-    "decoupled_head/objectness_scores.py",
+    "decoupled_head/objectness_scores.py", "full_batch/trace_steps.py",
 }  # fmt: skip
 # files the scripts write by default: --no-write, --results and $OUT keep them as they are
 DEFAULT_OUTPUTS = [BENCH / "RESULTS.md", EXPERIMENTS / "stability" / "results.json"]
@@ -276,6 +276,24 @@ def test_objectness_scores_of_heads_one_step_from_the_prior_init(tmp_path, cache
         assert 0.009 < float(percentile) <= float(highest) < 0.015 and above_half == "0"
         never_active, channels = map(int, dead.split("/"))
         assert channels == 64 and 0 <= never_active < channels
+
+
+def test_trace_steps_records_every_step_and_leaves_the_run_unchanged(tmp_path, cache):
+    """Three traced steps of 2 images (6 training images: one pass spans three steps): every step's images, a count
+    of positives and a finite objectness gradient norm; the history equals an untraced run's (--compare)."""
+    tiny = [*FAST, "schedule.max_iters=3"]
+    run_app(*tiny, f"hydra.run.dir={tmp_path / 'plain'}", cache=cache, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    trace = tmp_path / "trace.jsonl"
+    script = EXPERIMENTS / "full_batch" / "trace_steps.py"
+    run_script(script, "--out", str(trace), "--", *tiny, f"hydra.run.dir={tmp_path / 'traced'}", cache=cache,
+               cwd=tmp_path)  # fmt: skip
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [s["iteration"] for s in steps] == [0, 1, 2] and all(s["num_images"] == len(s["images"]) == 2 for s in steps)
+    assert len({name for s in steps for name in s["images"]}) == 6  # one pass: every image once
+    assert all(s["num_pos"] >= 0 and positive(s["obj_grad_norm"]) and positive(s["loss_objectness"]) for s in steps)
+    histories = [str(tmp_path / run / "history.json") for run in ("traced", "plain")]
+    proc = run_script(script, "--out", str(trace), "--compare", *histories, cache=cache, cwd=tmp_path)
+    assert "3 windows in common" in proc.stdout and "0 differ" in proc.stdout
 
 
 # -- gpu_check.sh and its summary ------------------------------------------------------------------------------------

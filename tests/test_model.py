@@ -16,7 +16,8 @@ MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("[!_]*.yaml"))
 
 def test_the_options_exist():
     assert RPN_OPTIONS == [
-        "focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "focal_softmax_boxsampled", "sampled", "sampled_boxpos",
+        "focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "focal_softmax_boxsampled", "focal_softmax_npos_ema",
+        "sampled", "sampled_boxpos",
     ]  # fmt: skip
     assert {"r50_fpn", "mbv3_fpn", "tiny_fpn"} <= set(MODEL_OPTIONS)
 

@@ -443,3 +443,51 @@ def test_box_positives_normalizer_uses_the_global_count_under_ddp(monkeypatch):
     monkeypatch.setattr(rpn_module, "dist", TwoRanks)
     _, box = sampled_rpn(BoxPositivesRPN).compute_loss(*box_case([5, 3], [10, 12]))
     assert box.item() == pytest.approx(4 * SMOOTH_L1_PER_ANCHOR / (2 * 5), rel=1e-6)
+
+
+# rpn.npos_ema: the losses are divided by a bias-corrected moving average of max(1, N_pos), closed-form below
+@pytest.mark.parametrize("form", ["sigmoid", "softmax"])
+def test_npos_ema_divides_by_the_corrected_average_of_the_counts(form):
+    """Counts 4, then 1 (one positive, the other image none), then 0 (clamped to 1), momentum 0.9. The corrected
+    averages are 4, (0.9 x 0.1 x 4 + 0.1 x 1) / 0.19 = 0.46 / 0.19 and (0.9 x 0.046 + 0.1 x 1) / 0.271: each step's
+    box loss is its sum / (2 x that average), and its objectness loss the plain one's x N_pos / that average."""
+    m = 0.9
+    plain, averaged = make_rpn(form), make_rpn(form, npos_ema=m)
+    expected_averages = [4.0, (m * (1 - m) * 4 + (1 - m) * 1) / (1 - m**2)]
+    expected_averages.append((m * (m * (1 - m) * 4 + (1 - m) * 1) + (1 - m) * 1) / (1 - m**3))
+    cases = [box_case([3, 1], [10, 12], form), box_case([1, 0], [10, 12], form), box_case([0, 0], [10, 12], form)]
+    for (positives, *_), case, average in zip(([4], [1], [0]), cases, expected_averages):
+        with EventStorage() as events:
+            obj, box = averaged.compute_loss(*case)
+        stats = events.drain()
+        obj_plain, _ = plain.compute_loss(*case)
+        count = max(1, positives)
+        assert stats["rpn/focal_normalizer"].item() == count  # the batch's own count, logged beside
+        assert stats["rpn/npos_ema"].item() == pytest.approx(average, rel=1e-6)
+        assert box.item() == pytest.approx(SMOOTH_L1_PER_ANCHOR * positives / (2 * average), rel=1e-6)
+        assert obj.item() == pytest.approx(obj_plain.item() * count / average, rel=1e-6)
+    assert averaged.state_dict()["npos_ema_steps"].item() == 3  # the state a checkpoint keeps
+    assert "npos_ema_sum" not in plain.state_dict()  # null: the paper's RPN, its state dict unchanged
+
+
+def test_npos_ema_zero_is_the_batch_count_and_bad_momentum_is_refused():
+    case = box_case([3, 1], [10, 12])
+    assert make_rpn("sigmoid", npos_ema=0.0).compute_loss(*case)[1].item() == pytest.approx(
+        make_rpn("sigmoid").compute_loss(*case)[1].item(), rel=1e-7
+    )
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="npos_ema must be in"):
+            make_rpn("sigmoid", npos_ema=bad)
+
+
+def test_npos_ema_resumes_from_the_state_dict():
+    """Two steps then a reload into a fresh RPN equals three steps in one: the average lives in the state dict."""
+    cases = [box_case(p, [10, 12], "softmax") for p in ([3, 1], [1, 0], [2, 2])]
+    whole = make_rpn("softmax", npos_ema=0.9)
+    losses = [whole.compute_loss(*c)[1].item() for c in cases]
+    first = make_rpn("softmax", npos_ema=0.9)
+    for c in cases[:2]:
+        first.compute_loss(*c)
+    resumed = make_rpn("softmax", npos_ema=0.9)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.compute_loss(*cases[2])[1].item() == losses[2]

@@ -56,7 +56,7 @@ def loader_arm(dataset, batch: int, workers: int, epochs: int, seed: int, first_
             t0 = time.perf_counter()
             next(batches)
             first_batch.append(time.perf_counter() - t0)
-            for _ in range(epochs * stream.batches_per_epoch - 1):
+            for _ in range(round(epochs * stream.steps_per_pass) - 1):
                 next(batches)
         finally:
             shut_down(batches)

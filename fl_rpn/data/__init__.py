@@ -5,7 +5,7 @@ Every reader returns ``(records, meta, stats)``: a list of ImageRecord (absolute
 dropped or flagged.
 """
 
-from .batching import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+from .batching import collate_fn, create_aspect_ratio_groups, full_batches, rank_tokens
 from .build import build_dataset, build_loader, read_dataset
 from .check import SplitReport, check_dataset, require_valid
 from .coco import read_coco
@@ -22,7 +22,6 @@ __all__ = [
     "VOC_CLASSES",
     "DatasetMeta",
     "DetectionDataset",
-    "GroupedBatchSampler",
     "ImageRecord",
     "SplitReport",
     "build_dataset",
@@ -32,10 +31,12 @@ __all__ = [
     "collate_fn",
     "create_aspect_ratio_groups",
     "ensure_synthetic",
+    "full_batches",
     "make_synthetic_coco",
     "read_coco",
     "read_dataset",
     "read_voc",
+    "rank_tokens",
     "read_yolo",
     "require_valid",
 ]

@@ -1,14 +1,19 @@
-"""Batching for detection: lists of differently sized images, and aspect-ratio grouping as in
-torchvision's detection references (batches of similar shape waste less padding)."""
+"""Batching for detection: lists of differently sized images, and the training stream's full batches.
+
+Training draws from an endless stream of shuffled passes over the dataset and groups the draws by aspect ratio
+(batches of similar shape waste less padding), as detectron2's ``TrainingSampler`` with ``AspectRatioGroupedDataset``:
+every batch has exactly ``batch_size`` images, never the one-image leftover of an epoch's end, which would divide a
+focal loss by one image's few positives.
+"""
 
 from __future__ import annotations
 
 import bisect
-from collections import Counter, defaultdict
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
 
 
 def collate_fn(batch: list[tuple]) -> tuple[tuple, tuple]:
@@ -23,35 +28,61 @@ def create_aspect_ratio_groups(aspect_ratios: Sequence[float], k: int = 3) -> li
     return [bisect.bisect_right(bins, a) for a in aspect_ratios]
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
-    """Batches of ``batch_size`` indices from ``sampler`` that all share a group id.
+def rank_tokens(num_items: int, seed: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, int]]:
+    """This rank's endless stream of ``(pass, index)`` draws.
 
-    Indices are buffered per group in the order ``sampler`` yields them; a group's buffer is yielded
-    as soon as it is full, and the partial buffers at the end of the epoch are yielded last (in the
-    order their groups first appeared). So every index of the sampler appears exactly once, the
-    order is a pure function of the sampler's order, and it works with any sampler, including
-    DistributedSampler (call its ``set_epoch`` as usual).
+    Pass ``p`` is a permutation of ``range(num_items)`` seeded by ``(seed, p)``; the passes are concatenated into one
+    global stream, of which rank ``r`` takes every ``world_size``-th draw from position ``r`` (detectron2's
+    ``TrainingSampler``). So the ranks share every pass evenly, however ``num_items`` divides, and never drift apart.
     """
+    if num_items < 1:
+        raise ValueError("the training dataset is empty")
+    generator = torch.Generator()
+    position = 0  # of the pass's first draw in the global stream
+    for p in itertools.count():
+        generator.manual_seed(seed * 1_000_003 + p)
+        order = torch.randperm(num_items, generator=generator).tolist()
+        for index in order[(rank - position) % world_size :: world_size]:
+            yield p, index
+        position += num_items
 
-    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.sampler = sampler
-        self.group_ids = list(group_ids)
-        self.batch_size = batch_size
 
-    def __iter__(self) -> Iterator[list[int]]:
-        buffers: dict[int, list[int]] = defaultdict(list)
-        for idx in self.sampler:
-            group = self.group_ids[idx]
-            buffers[group].append(idx)
-            if len(buffers[group]) == self.batch_size:
-                yield buffers.pop(group)
-        yield from buffers.values()
+def full_batches(
+    tokens: Iterator[tuple[int, int]], group_ids: Sequence[int], batch_size: int
+) -> Iterator[list[tuple[int, int]]]:
+    """Endless batches of exactly ``batch_size`` draws of ``tokens`` (``(pass, index)``, passes in order), each from
+    one aspect-ratio group where the group allows.
 
-    def __len__(self) -> int:
-        # A sampler as long as the dataset visits every index once (a random or sequential permutation),
-        # so the group sizes are known without iterating it; iterating a RandomSampler would advance its
-        # generator. Shorter samplers (DistributedSampler) iterate deterministically and are counted.
-        ids = self.group_ids if len(self.sampler) == len(self.group_ids) else [self.group_ids[i] for i in self.sampler]
-        return sum(-(-n // self.batch_size) for n in Counter(ids).values())
+    Draws are buffered per group (``group_ids[index]``) and a group's buffer is yielded when full. When the first
+    draw of a new pass arrives, the buffers of the finished pass, all smaller than a batch, are emptied in the order
+    they were started into one mixed batch, which the next draws fill (from the new pass, and the ones after
+    it when a pass is smaller than the batch). So every batch is full, no draw waits beyond the next pass, and at
+    every batch each index has been drawn either as often as every other or once more: the draws of all finished
+    passes are out, and the current pass draws each index once. Under DDP each rank groups its own draws; the ranks
+    could then be a pass apart for a moment (two draws' spread), but take turns along one stream, and the joined
+    batches of tests/data/test_batching.py stay within one draw. One group (``[0] * n``) makes plain consecutive
+    batches of the stream.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    buffers: dict[int, list[tuple[int, int]]] = {}
+    mixed: list[tuple[int, int]] = []
+    current_pass = None
+    for token in tokens:
+        if token[0] != current_pass:
+            mixed.extend(itertools.chain.from_iterable(buffers.values()))
+            buffers.clear()
+            while len(mixed) >= batch_size:
+                yield mixed[:batch_size]
+                mixed = mixed[batch_size:]
+            current_pass = token[0]
+        if mixed:  # a mixed batch waits to be filled
+            mixed.append(token)
+            if len(mixed) == batch_size:
+                yield mixed
+                mixed = []
+            continue
+        buffer = buffers.setdefault(group_ids[token[1]], [])
+        buffer.append(token)
+        if len(buffer) == batch_size:
+            yield buffers.pop(group_ids[token[1]])

@@ -140,7 +140,7 @@ RESUME_MUST_MATCH = ("model", "rpn")
 PRETRAINED_KEY = "model.backbone_weights"
 # keys added after checkpoints were written without them: absent there means this value (what those runs built)
 ADDED_KEYS = {"rpn.head.kind": "shared", "rpn.head.num_convs": 1, "rpn.head.width": None, "rpn.head.norm": None,
-              "rpn.head.vary": "width"}  # fmt: skip
+              "rpn.head.vary": "width", "rpn.npos_ema": None}  # fmt: skip
 
 
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:

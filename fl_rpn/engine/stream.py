@@ -1,25 +1,27 @@
-"""The training data stream: an endless, resumable sequence of batches.
+"""The training data stream: an endless, resumable sequence of full batches.
 
-Epoch ``e`` uses a permutation seeded by ``(seed, e)`` and every sample's augmentation is seeded by
-``(seed, e, index)``, so the batch at iteration ``i`` is a function of ``(seed, i)`` alone (under DDP, of
-``(seed, i, rank, world size)``): a resumed run sees exactly the batches the uninterrupted run would have seen,
-whatever the number of workers.
+Pass ``p`` over the dataset is a permutation seeded by ``(seed, p)`` (``fl_rpn.data.batching.rank_tokens``) and every
+sample's augmentation is seeded by ``(seed, p, index)``, so the batch at iteration ``i`` is a function of
+``(seed, i)`` alone (under DDP, of ``(seed, i, rank, world size)``): a resumed run sees exactly the batches the
+uninterrupted run would have seen, whatever the number of workers.
 """
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from ..data import GroupedBatchSampler, collate_fn, create_aspect_ratio_groups
+from ..data import collate_fn, create_aspect_ratio_groups, full_batches, rank_tokens
 from ..data.build import ignore_sigterm
 from .distributed import SINGLE_PROCESS, DistInfo
 
+log = logging.getLogger(__name__)
+
 
 class EpochSeededDataset(Dataset):
-    """Wraps a dataset so that item ``(epoch, index)`` draws its random augmentation from its own seed."""
+    """Wraps a dataset so that item ``(pass, index)`` draws its random augmentation from its own seed."""
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
@@ -36,7 +38,12 @@ class EpochSeededDataset(Dataset):
 
 
 class TrainStream:
-    """``iter(TrainStream(...).from_iteration(i))`` yields ``(images, targets)`` for iterations ``i, i+1, ...``."""
+    """``iter(TrainStream(...).from_iteration(i))`` yields ``(images, targets)`` for iterations ``i, i+1, ...``.
+
+    Every batch holds exactly ``batch_size`` images (``fl_rpn.data.batching.full_batches``): the passes over the
+    dataset follow one another without a partial batch between them, and a dataset smaller than ``batch_size``
+    (under DDP, than the global batch) repeats images within a batch, each with its own augmentation.
+    """
 
     def __init__(
         self,
@@ -51,58 +58,36 @@ class TrainStream:
         if len(dataset) == 0:
             raise ValueError("the training dataset is empty")
         self.dataset = EpochSeededDataset(dataset, seed)
+        self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory  # page-locked batches: only for a model on CUDA (non_blocking copies)
         self.seed = seed
-        if dist_info.enabled:
-            self.sampler = DistributedSampler(
-                dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=seed
-            )
-        else:
-            self.sampler = RandomSampler(dataset, generator=torch.Generator())
-        if group_aspect_ratio:
-            self.batch_sampler = GroupedBatchSampler(
-                self.sampler, create_aspect_ratio_groups(dataset.aspect_ratios(), k=3), batch_size
-            )
-        else:
-            self.batch_sampler = BatchSampler(self.sampler, batch_size, drop_last=False)
-        self.batches_per_epoch = len(self.batch_sampler)
+        self.dist_info = dist_info
+        self.group_ids = create_aspect_ratio_groups(dataset.aspect_ratios(), k=3) if group_aspect_ratio else None
+        global_batch = batch_size * dist_info.world_size
+        self.steps_per_pass = len(dataset) / global_batch  # not a whole number in general: passes span batches
+        if len(dataset) < global_batch and dist_info.is_main:
+            log.warning(
+                "the training split has %d images, fewer than the global batch of %d: every batch repeats images "
+                "(each with its own augmentation)", len(dataset), global_batch,
+            )  # fmt: skip
 
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
-        else:
-            self.sampler.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        return [[(epoch, i) for i in batch] for batch in self.batch_sampler]
-
-    def locate(self, iteration: int) -> tuple[int, int]:
-        """``(epoch, batches of that epoch already done)`` at ``iteration``.
-
-        Under DDP a rank's epochs are counted one by one: with aspect-ratio grouping, how a rank's share of
-        the images falls into groups (so how many batches it makes) changes from epoch to epoch.
-        """
-        if not isinstance(self.sampler, DistributedSampler):
-            return divmod(iteration, self.batches_per_epoch)
-        epoch = 0
-        while iteration >= (n := len(self.epoch_batches(epoch))):
-            iteration -= n
-            epoch += 1
-        return epoch, iteration
+    def batches(self) -> Iterator[list[tuple[int, int]]]:
+        """This rank's endless batches of ``(pass, index)`` keys, from iteration 0."""
+        tokens = rank_tokens(len(self.dataset), self.seed, self.dist_info.rank, self.dist_info.world_size)
+        group_ids = self.group_ids if self.group_ids is not None else _OneGroup()
+        return full_batches(tokens, group_ids, self.batch_size)
 
     def from_iteration(self, iteration: int) -> Iterator:
-        """One DataLoader over the batches of every epoch from ``iteration`` on: its workers start once.
+        """One DataLoader over the batches from ``iteration`` on: its workers start once.
 
-        The loader's generator only sets the workers' base seeds, on which no item depends (each seeds itself).
+        The batches before ``iteration`` are drawn (indices only, nothing is loaded) and dropped, so the batch at
+        iteration ``i`` is a function of ``(seed, i, rank, world size)``. The loader's generator only sets the
+        workers' base seeds, on which no item depends (each seeds itself).
         """
-        epoch, skip = self.locate(iteration)
-
-        def batches():
-            for e in itertools.count(epoch):
-                yield from self.epoch_batches(e)[skip if e == epoch else 0 :]
-
         loader = DataLoader(
             self.dataset,
-            batch_sampler=batches(),
+            batch_sampler=itertools.islice(self.batches(), iteration, None),
             num_workers=self.num_workers,
             collate_fn=collate_fn,
             pin_memory=self.pin_memory,
@@ -110,3 +95,10 @@ class TrainStream:
             worker_init_fn=ignore_sigterm,  # SIGTERM is for the main process: it checkpoints, then stops us
         )
         return iter(loader)
+
+
+class _OneGroup:
+    """``group_ids`` without aspect-ratio grouping: every index is in group 0."""
+
+    def __getitem__(self, index: int) -> int:
+        return 0

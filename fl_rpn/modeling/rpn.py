@@ -112,6 +112,9 @@ class FocalLossRPN(RegionProposalNetwork):
             batch (the paper); ``"sampled"``: / (``batch_size_per_image`` x N images), what torchvision's sampled
             RPN divides by when every image has enough anchors to fill its sample (``batch_size_per_image``
             default 256).
+        npos_ema: ``None`` (the paper: divide by this batch's N_pos) or a momentum in [0, 1): the objectness loss
+            and the ``positives`` box loss are divided by an exponential moving average of max(1, N_pos) instead
+            (``focal_normalizer``); the average is in the state dict (``npos_ema_sum``, ``npos_ema_steps``).
 
     The keyword defaults are ``FOCAL_DEFAULTS`` (``conf/_base/focal.yaml``).
     """
@@ -135,6 +138,7 @@ class FocalLossRPN(RegionProposalNetwork):
         gamma: float = FOCAL_DEFAULTS["gamma"],
         prior_prob: float | None = FOCAL_DEFAULTS["prior_prob"],
         box_normalizer: str = FOCAL_DEFAULTS["box_normalizer"],
+        npos_ema: float | None = FOCAL_DEFAULTS["npos_ema"],
     ) -> None:
         super().__init__(
             anchor_generator, head, fg_iou_thresh, bg_iou_thresh, 256, 0.5,
@@ -151,6 +155,8 @@ class FocalLossRPN(RegionProposalNetwork):
             raise ValueError(f"rpn gamma must be >= 0, got {gamma}")
         if box_normalizer not in BOX_NORMALIZERS:
             raise ValueError(f"rpn box_normalizer must be one of {BOX_NORMALIZERS}, got {box_normalizer!r}")
+        if npos_ema is not None and not 0.0 <= npos_ema < 1.0:
+            raise ValueError(f"rpn npos_ema must be in [0, 1) or None, got {npos_ema}")
         num_anchors = head.bbox_pred.out_channels // 4
         if head.cls_logits.out_channels != FORMS[form] * num_anchors:
             raise ValueError(
@@ -164,12 +170,34 @@ class FocalLossRPN(RegionProposalNetwork):
         self.gamma = gamma
         self.box_normalizer = box_normalizer
         self.box_sample_size = TORCHVISION_SAMPLE_SIZE if batch_size_per_image is None else int(batch_size_per_image)
+        self.npos_ema = npos_ema
+        if npos_ema is not None:  # in the state dict: checkpointed and restored with the weights
+            self.register_buffer("npos_ema_sum", torch.zeros(()))  # the zero-started average, before its correction
+            self.register_buffer("npos_ema_steps", torch.zeros(()))
         if prior_prob is not None:
             init_objectness_prior(head.cls_logits, form, prior_prob)
 
-    def focal_normalizer(self, num_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """``global_count_normalizer`` of the positive count: ``(max(1, N_pos) of the global batch, divisor)``."""
-        return global_count_normalizer(num_pos)
+    def focal_normalizer(self, num_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(max(1, N_pos) of the global batch, the count the loss is normalised by, what this rank divides its
+        sums by)``, 0-d tensors.
+
+        Without ``npos_ema`` the loss is normalised by the batch's count (each rank divides by it over the number of
+        ranks, ``global_count_normalizer``). With it, by the exponential moving average of the counts of every
+        training step so far, this one included (detectron2's RetinaNet ``loss_normalizer``), started at zero and
+        bias-corrected as Adam's moments are: after the counts ``c_1 .. c_t``,
+        ``sum_k (1 - m) m^(t-k) c_k / (1 - m^t)``. So the first step divides by its own count, as the paper does,
+        and no starting guess (detectron2's 100, for COCO at 16 images per batch) scales the first steps' loss by
+        the ratio of that guess to this dataset's count (BCCD at 4 images per batch has about 64).
+        """
+        count, divisor = global_count_normalizer(num_pos)
+        if self.npos_ema is None:
+            return count, count, divisor
+        m = self.npos_ema
+        with torch.no_grad():
+            self.npos_ema_steps += 1
+            self.npos_ema_sum.mul_(m).add_((1.0 - m) * count)
+            average = self.npos_ema_sum / (1.0 - torch.pow(m, self.npos_ema_steps))
+        return count, average, average * (divisor / count)  # each rank's share, as in global_count_normalizer
 
     def compute_loss(
         self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor], regression_targets: list[Tensor]
@@ -201,7 +229,7 @@ class FocalLossRPN(RegionProposalNetwork):
         per_anchor = sigmoid_focal_loss(logit, positive, self.alpha, self.gamma, valid=valid)
 
         num_pos = positive.count_nonzero()
-        global_num_pos, normalizer = self.focal_normalizer(num_pos.to(torch.float32))
+        global_num_pos, average_num_pos, normalizer = self.focal_normalizer(num_pos.to(torch.float32))
         loss_sum = per_anchor.sum()
         loss_objectness = self.loss_weight * loss_sum / normalizer
 
@@ -225,6 +253,8 @@ class FocalLossRPN(RegionProposalNetwork):
                 loss_sum=loss_sum.detach(),
             )  # fmt: skip
             stats["focal_normalizer"] = global_num_pos  # max(1, N_pos) of the global batch, whatever W is
+            if self.npos_ema is not None:  # next to the batch's own count: the average the sums were divided by
+                stats["npos_ema"] = average_num_pos
             storage.put_scalars(stats, prefix="rpn/")
         return loss_objectness, loss_rpn_box_reg
 
@@ -348,6 +378,7 @@ def use_focal_rpn(
     score_thresh: float = 0.0,
     box_normalizer: str = FOCAL_DEFAULTS["box_normalizer"],
     batch_size_per_image: int | None = None,
+    npos_ema: float | None = FOCAL_DEFAULTS["npos_ema"],
     head: str = "shared",
     head_options: dict | None = None,
 ) -> GeneralizedRCNN:
@@ -362,10 +393,11 @@ def use_focal_rpn(
     0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01): kept, 0.05 would leave no
     proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses
     ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
-    is logged. ``box_normalizer`` and ``batch_size_per_image``: see ``FocalLossRPN``. ``head`` (``shared``,
-    ``decoupled``, ``shared_matched``) with ``head_options``: ``fl_rpn.modeling.rpn_heads.replace_rpn_head``;
-    the default ``shared`` without options keeps the head as described above. The other keyword defaults are the focal
-    options' (``FOCAL_DEFAULTS``, from ``conf/_base/focal.yaml``).
+    is logged. ``box_normalizer``, ``batch_size_per_image`` and ``npos_ema``: see ``FocalLossRPN``. ``head``
+    (``shared``, ``decoupled``, ``shared_matched``) with ``head_options``:
+    ``fl_rpn.modeling.rpn_heads.replace_rpn_head``; the default ``shared`` without options keeps the head as
+    described above. The other keyword defaults are the focal options' (``FOCAL_DEFAULTS``, from
+    ``conf/_base/focal.yaml``).
     """
     head_kind = head  # ``head`` names the new head below
     old = model.rpn
@@ -401,6 +433,7 @@ def use_focal_rpn(
         prior_prob=prior_prob,
         box_normalizer=box_normalizer,
         batch_size_per_image=batch_size_per_image,
+        npos_ema=npos_ema,
     )
     if head_kind != "shared" or head_options:
         from .rpn_heads import replace_rpn_head  # rpn_heads imports this module

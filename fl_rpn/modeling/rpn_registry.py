@@ -104,6 +104,11 @@ def check_rpn_config(rpn: DictConfig) -> None:
 
 def check_head_config(head: DictConfig) -> None:
     """The ``rpn.head`` node (``conf/_base/rpn.yaml``): its kind, tower depth (1-4), width, norm and ``vary``."""
+    if not isinstance(head, DictConfig):  # rpn.head=decoupled, meant as rpn.head.kind=decoupled
+        raise ValueError(
+            f"config key rpn.head={head!r}: rpn.head is a group of keys ({', '.join([*HEAD_DEFAULTS, 'vary'])}), "
+            f"not a value; to choose the head write rpn.head.kind={head}"
+        )
     expected = {*HEAD_DEFAULTS, "vary"}
     for key in head:
         _check(key in expected, f"rpn.head.{key}", head[key], f"unknown; rpn.head takes {sorted(expected)}")
@@ -177,12 +182,15 @@ def focal_rpn(
     prior_prob: Annotated[float | None, optional(number(lambda v: 0 < v < 1, "in (0, 1), or null"))],
     box_normalizer: BoxNormalizer,
     batch_size_per_image: Annotated[int | None, optional(integer(1))] = None,
+    npos_ema: Annotated[float | None, optional(number(lambda v: 0 <= v < 1, "in [0, 1), or null"))] = None,
 ) -> None:
     """``FocalLossRPN`` (``use_focal_rpn``), with the shared keys' ``score_thresh``. ``batch_size_per_image``: the
-    sample size of the ``sampled`` box normaliser (no anchor is sampled); left out, torchvision's 256."""
+    sample size of the ``sampled`` box normaliser (no anchor is sampled); left out, torchvision's 256. ``npos_ema``:
+    the momentum of the N_pos average the losses are divided by; null, this batch's N_pos."""
     use_focal_rpn(
         model, form=form, loss_weight=loss_weight, alpha=alpha, gamma=gamma, prior_prob=prior_prob,
         score_thresh=model.rpn.score_thresh, box_normalizer=box_normalizer, batch_size_per_image=batch_size_per_image,
+        npos_ema=npos_ema,
     )  # fmt: skip
 
 

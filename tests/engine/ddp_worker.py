@@ -91,7 +91,7 @@ def normalizer_inputs(num_pos: int, seed: int, form: str, n: int = 60):
     return objectness, torch.randn(n, 4, generator=g, dtype=torch.float64), labels, torch.randn(n, 4, generator=g)
 
 
-def loss_only_rpn(form: str):
+def loss_only_rpn(form: str, npos_ema: float | None = None):
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.models.detection.rpn import RPNHead
 
@@ -99,7 +99,7 @@ def loss_only_rpn(form: str):
 
     head = (TwoLogitRPNHead if form == "softmax" else RPNHead)(4, 3)
     anchors = AnchorGenerator(((16,),), ((0.5, 1.0, 2.0),))
-    return FocalLossRPN(anchors, head, 0.7, 0.3, {"training": 10}, {"training": 10}, 0.7, form=form)
+    return FocalLossRPN(anchors, head, 0.7, 0.3, {"training": 10}, {"training": 10}, 0.7, form=form, npos_ema=npos_ema)
 
 
 def normalizer_worker(spec: dict) -> None:
@@ -110,10 +110,10 @@ def normalizer_worker(spec: dict) -> None:
 
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
-    for form in ("sigmoid", "softmax"):
-        rpn = loss_only_rpn(form)
+    for form in ("sigmoid", "softmax", "softmax_npos_ema"):  # the last: the cases as three steps of one average
+        rpn = loss_only_rpn(form.removesuffix("_npos_ema"), npos_ema=0.9 if "npos_ema" in form else None)
         for case, counts in NORMALIZER_CASES.items():
-            objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, form)
+            objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, form.removesuffix("_npos_ema"))
             with EventStorage() as events:
                 out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
             out[form, case, "stats"] = {k.removeprefix("rpn/"): float(v) for k, v in events.drain().items()}

@@ -18,6 +18,7 @@ Exact comparison with one process: the reference trains one process on the same 
   and broadcast by DDP, and the reference uses that seed).
 """
 
+import itertools
 import json
 import shutil
 
@@ -226,14 +227,13 @@ class _Shapes(torch.utils.data.Dataset):
 
 
 def test_a_rank_resumes_its_stream_where_it_stopped():
-    """With aspect-ratio groups a rank's epochs differ in length: resuming must count them, not assume them equal."""
+    """Each rank's batch at iteration i is the i-th of its own endless stream, whatever the ranks' group buffers."""
     for rank in (0, 1):
         stream = TrainStream(_Shapes(20), 2, 0, 0, True, DistInfo(rank, 2))
-        lengths = [len(stream.epoch_batches(e)) for e in range(6)]
-        ids = [[t["image_id"] for t in next(it)[1]] for it in [stream.from_iteration(0)] for _ in range(sum(lengths))]
-        for i in range(0, sum(lengths), 3):
+        ids = [[t["image_id"] for t in targets] for _, targets in itertools.islice(stream.from_iteration(0), 30)]
+        assert all(len(batch) == 2 for batch in ids)
+        for i in range(0, 30, 3):
             assert [t["image_id"] for t in next(stream.from_iteration(i))[1]] == ids[i], (rank, i)
-    assert len(set(lengths)) > 1  # the case that needs counting
 
 
 def test_every_trainable_parameter_gets_a_gradient(compose_cfg):
@@ -256,14 +256,21 @@ def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(normal
     """DDP averages over ranks: the mean of the ranks' losses must be the one-process loss over the global batch,
     also when the global batch has fewer positives than ranks, or none (the clamp to >= 1 is global)."""
     records = normalizer_records
-    for form in ("sigmoid", "softmax"):
-        rpn = loss_only_rpn(form)
+    for form in ("sigmoid", "softmax", "softmax_npos_ema"):  # the last: rpn.npos_ema averages the global counts
+        rpn = loss_only_rpn(form.removesuffix("_npos_ema"), npos_ema=0.9 if "npos_ema" in form else None)
         for case, counts in NORMALIZER_CASES.items():
-            parts = [normalizer_inputs(num_pos, rank, form) for rank, num_pos in enumerate(counts)]
+            parts = [
+                normalizer_inputs(num_pos, rank, form.removesuffix("_npos_ema")) for rank, num_pos in enumerate(counts)
+            ]
             objectness, deltas = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
             single = rpn.compute_loss(objectness, deltas, [p[2] for p in parts], [p[3].double() for p in parts])
             ddp_mean = (records[0][form, case] + records[1][form, case]) / 2
             torch.testing.assert_close(ddp_mean, torch.stack(single), rtol=1e-12, atol=0, msg=f"{form} {case}")
+            if "npos_ema" in form:  # every rank logs the same average of the global counts 5, 1, 1 (clamped)
+                assert records[0][form, case, "stats"]["npos_ema"] == records[1][form, case, "stats"]["npos_ema"]
+    assert records[0]["softmax_npos_ema", "none", "stats"]["npos_ema"] == pytest.approx(
+        (0.81 * 0.1 * 5 + 0.09 * 1 + 0.1 * 1) / (1 - 0.9**3), rel=1e-6
+    )
 
 
 @pytest.fixture(scope="module")

@@ -237,10 +237,10 @@ def test_sigterm_to_the_whole_job_checkpoints_and_exits_143(tmp_path, cache):
 
 
 def test_the_stream_is_the_same_from_any_iteration_with_or_without_workers(cache):
-    """Across epoch boundaries (4 batches per epoch), with workers that live for the whole stream."""
+    """Across pass boundaries (3.5 batches per pass), with workers that live for the whole stream."""
     dataset = build_dataset(compose_config([*FAST, "dataset.train.num_images=7"]).dataset.train, train=True)
     stream = TrainStream(dataset, 2, 0, seed=3, group_aspect_ratio=True)
-    assert stream.batches_per_epoch == 4
+    assert stream.steps_per_pass == 3.5
     batches = stream.from_iteration(0)
     reference = [next(batches) for _ in range(10)]
     with_workers = TrainStream(dataset, 2, 2, seed=3, group_aspect_ratio=True)

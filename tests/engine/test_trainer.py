@@ -18,7 +18,7 @@ from fl_rpn.modeling.model import build_model
 from ..conftest import FAST, TINY
 
 
-@pytest.mark.parametrize("rpn", ["sampled", "focal_sigmoid"])
+@pytest.mark.parametrize("rpn", ["sampled", "focal_sigmoid", "focal_softmax_npos_ema"])
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_cfg, tmp_path, cache, rpn):
     overrides = [*TINY, f"rpn={rpn}", "eval.evaluators=[]", "schedule.checkpoint_every=2"]
     straight = compose_cfg(*overrides, "schedule.max_iters=4", f"output_dir={tmp_path / 'a'}")
@@ -31,6 +31,10 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(compose_cfg, t
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    if rpn == "focal_softmax_npos_ema":  # the N_pos average went on from the checkpoint's, logged beside the count
+        assert a["rpn.npos_ema_steps"].item() == b["rpn.npos_ema_steps"].item() == 4
+        history = json.loads((tmp_path / "b" / "history.json").read_text())
+        assert all(h["rpn/npos_ema"] > 0 and h["rpn/focal_normalizer"] >= 1 for h in history)
 
 
 PROMISED_TAGS = {
