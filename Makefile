@@ -1,9 +1,10 @@
 # Two commands: `make demo` (set up + train the CPU demo) and `make test` (set up + run the tests).
+# `make weights`: ImageNet MobileNetV2 weights into torch's hub cache, for scale=bccd_pretrained / coco128_pretrained.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint weights
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/pytest -q -n auto $(ARGS)
+
+weights: setup
+	$(VENV)/bin/fl-rpn-weights $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

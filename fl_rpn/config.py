@@ -27,15 +27,16 @@ def find_conf_dir(package_dir: Path = PACKAGE_DIR) -> Path:
 CONF_DIR = find_conf_dir()
 
 
+def scale_iters(iterations: int, fraction: float) -> int:
+    """``round(iterations x fraction)``: the ``${scale_iters:${.max_iters},0.75}`` of a schedule whose warm-up and
+    lr steps follow its length (``conf/schedule/smoke.yaml``)."""
+    return round(int(iterations) * float(fraction))
+
+
+OmegaConf.register_new_resolver("scale_iters", scale_iters, replace=True)
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
     """The composed root config with command-line style ``overrides`` (``["rpn=focal_sigmoid", ...]``)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name, overrides=list(overrides))
-
-
-def base_values(name: str) -> dict:
-    """The keys of ``conf/_base/<name>.yaml``, a base that options include, as written there (its own defaults list
-    is not composed). ``fl_rpn.modeling.rpn`` takes the focal RPN's keyword defaults from ``base_values("focal")``."""
-    values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "_base" / f"{name}.yaml"))
-    values.pop("defaults", None)
-    return values

@@ -1,6 +1,7 @@
-"""A trained detector as plain torchvision, TorchScript or ONNX; none needs fl_rpn to load.
+"""A trained detector as plain torchvision, torch.export, TorchScript or ONNX; none needs fl_rpn to load.
 
-fl-rpn-export checkpoint=outputs/.../last.pt                      # model.pt (state dict) + model.json (settings)
+fl-rpn-export checkpoint=outputs/.../last.pt                      # model.pt2 (torch.export) + model.json (settings)
+fl-rpn-export checkpoint=outputs/.../last.pt format=torchvision   # model.pt: the state dict (not for tiny_fpn)
 fl-rpn-export checkpoint=outputs/.../last.pt format=torchscript   # model.ts: torch.jit.load, no Python classes
 fl-rpn-export checkpoint=outputs/.../last.pt format=onnx          # model.onnx (opset 17): onnxruntime, ...
 
@@ -10,6 +11,10 @@ fl-rpn-export checkpoint=outputs/.../last.pt format=onnx          # model.onnx (
 anchor, weight and bias ``w_obj - w_bg``: exact, because proposals are scored with ``sigmoid(z_obj - z_bg)``.
 Inference is unchanged (to float rounding); training the exported model further would use torchvision's
 sampled RPN loss.
+
+``model.json`` names the torchvision function that rebuilds the layout (``torchvision_builder``); for ``mbv2_fpn``,
+which torchvision has no detector builder for, it is ``FasterRCNN`` and ``torchvision_backbone`` gives the
+``mobilenet_backbone`` call that makes its backbone.
 """
 
 import copy
@@ -22,12 +27,12 @@ from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
-from . import __version__
-from .modeling.rpn import FocalLossRPN
+from ._version import __version__
+from .modeling.rpn import FocalLossRPN, rpn_settings
 
 __all__ = ["export_torchvision", "fold_objectness", "torchvision_settings", "export_checkpoint", "FORMATS"]
 
-FORMATS = {"torchvision": "model.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
+FORMATS = {"torchvision": "model.pt", "pt2": "model.pt2", "torchscript": "model.ts", "onnx": "model.onnx"}
 
 
 def fold_objectness(cls_logits: nn.Conv2d) -> nn.Conv2d:
@@ -58,13 +63,10 @@ def _torchvision_rpn(rpn: FocalLossRPN) -> RegionProposalNetwork:
     head.bbox_pred.load_state_dict(old.bbox_pred.state_dict())
     cls_logits = fold_objectness(old.cls_logits) if rpn.form == "softmax" else old.cls_logits
     head.cls_logits.load_state_dict(cls_logits.state_dict())
-    return RegionProposalNetwork(
-        copy.deepcopy(rpn.anchor_generator), head,
-        fg_iou_thresh=rpn.proposal_matcher.high_threshold, bg_iou_thresh=rpn.proposal_matcher.low_threshold,
-        batch_size_per_image=256, positive_fraction=0.5,  # torchvision's defaults: the focal RPN samples nothing
-        pre_nms_top_n=dict(rpn._pre_nms_top_n), post_nms_top_n=dict(rpn._post_nms_top_n),
-        nms_thresh=rpn.nms_thresh, score_thresh=rpn.score_thresh,
-    )  # fmt: skip
+    settings = rpn_settings(rpn)
+    settings["anchor_generator"] = copy.deepcopy(settings["anchor_generator"])
+    # torchvision's sampler defaults: the focal RPN samples nothing
+    return RegionProposalNetwork(**settings, head=head, batch_size_per_image=256, positive_fraction=0.5)
 
 
 def export_torchvision(model: GeneralizedRCNN) -> GeneralizedRCNN:
@@ -93,14 +95,14 @@ def torchvision_settings(model: GeneralizedRCNN) -> dict[str, Any]:
     the remaining keyword arguments, read from the model (``min_size``, ``rpn_nms_thresh``, ``box_score_thresh``...).
     """
     rpn, roi, transform = model.rpn, model.roi_heads, model.transform
-    sampler = rpn.fg_bg_sampler
+    sampler, top_n = rpn.fg_bg_sampler, rpn_settings(rpn)
     kwargs = {
         "min_size": list(transform.min_size), "max_size": transform.max_size,
         "image_mean": list(transform.image_mean), "image_std": list(transform.image_std),
-        "rpn_pre_nms_top_n_train": rpn._pre_nms_top_n["training"],
-        "rpn_pre_nms_top_n_test": rpn._pre_nms_top_n["testing"],
-        "rpn_post_nms_top_n_train": rpn._post_nms_top_n["training"],
-        "rpn_post_nms_top_n_test": rpn._post_nms_top_n["testing"],
+        "rpn_pre_nms_top_n_train": top_n["pre_nms_top_n"]["training"],
+        "rpn_pre_nms_top_n_test": top_n["pre_nms_top_n"]["testing"],
+        "rpn_post_nms_top_n_train": top_n["post_nms_top_n"]["training"],
+        "rpn_post_nms_top_n_test": top_n["post_nms_top_n"]["testing"],
         "rpn_nms_thresh": rpn.nms_thresh, "rpn_score_thresh": rpn.score_thresh,
         "rpn_fg_iou_thresh": rpn.proposal_matcher.high_threshold,
         "rpn_bg_iou_thresh": rpn.proposal_matcher.low_threshold,
@@ -124,44 +126,69 @@ def torchvision_settings(model: GeneralizedRCNN) -> dict[str, Any]:
     }
 
 
-# model.name -> torchvision's builder with the same layout (tiny_fpn's backbone is fl_rpn's own)
-TORCHVISION_BUILDERS = {"r50_fpn": "fasterrcnn_resnet50_fpn", "mbv3_fpn": "fasterrcnn_mobilenet_v3_large_fpn"}
+# model.name -> torchvision's builder with the same layout (tiny_fpn's backbone is fl_rpn's own). mbv2_fpn has no
+# ready builder: FasterRCNN(backbone, ...) with the backbone from torchvision's public mobilenet_backbone, called
+# with TORCHVISION_BACKBONES' keyword arguments (weights=None; its default FrozenBatchNorm2d is BatchNorm2d at
+# inference and loads a BatchNorm2d state dict).
+TORCHVISION_BUILDERS = {
+    "r50_fpn": "fasterrcnn_resnet50_fpn", "mbv3_fpn": "fasterrcnn_mobilenet_v3_large_fpn", "mbv2_fpn": "FasterRCNN",
+}  # fmt: skip
+TORCHVISION_BACKBONES = {
+    "mbv2_fpn": {
+        "builder": "torchvision.models.detection.backbone_utils.mobilenet_backbone",
+        "kwargs": {"backbone_name": "mobilenet_v2", "weights": None, "fpn": True},
+    },
+}
 
 
 def export_checkpoint(
     checkpoint: str | Path, fmt: str, out_dir: str | Path, opset: int = 17, image_size: tuple[int, int] = (320, 320)
 ) -> Path:
-    """Write ``checkpoint``'s model as ``out_dir/model.{pt,ts,onnx}`` and its settings as ``out_dir/model.json``.
+    """Write ``checkpoint``'s model as ``out_dir/model.{pt,pt2,ts,onnx}`` and its settings as ``out_dir/model.json``.
 
-    ``torchvision``: the ``state_dict`` of ``export_torchvision(model)``; ``torchscript``: ``torch.jit.script`` of
-    it; ``onnx``: the TorchScript-based ONNX exporter at ``opset``, traced on one random ``[3, *image_size]`` image
-    (the image height and width stay dynamic). Returns the model file's path.
+    ``torchvision``: the ``state_dict`` of ``export_torchvision(model)`` (refused for a model without a torchvision
+    builder, such as ``tiny_fpn``: nothing but fl_rpn could load it); ``pt2``: ``torch.export`` of it
+    (``fl_rpn.pt2``); ``torchscript``: ``torch.jit.script`` of it; ``onnx``: the TorchScript-based ONNX exporter at
+    ``opset``. ``pt2`` and ``onnx`` trace on one random ``[3, *image_size]`` image (the image height and width stay
+    dynamic). Returns the model file's path.
     """
     from .engine.checkpoint import model_from_checkpoint
+    from .pt2 import export_program
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     model, ckpt = model_from_checkpoint(checkpoint)
+    model_name = ckpt["config"]["model"]["name"]
+    if fmt == "torchvision" and model_name not in TORCHVISION_BUILDERS:
+        others = [f for f in FORMATS if f != "torchvision"]
+        raise ValueError(
+            f"format=torchvision cannot deploy model={model_name}: model.pt would be a state dict that only a "
+            f"torchvision builder of the same layout can load, and {model_name}'s backbone is fl_rpn's own (only "
+            f"fl_rpn could load it). Use format={', '.join(others[:-1])} or {others[-1]}: each holds the whole "
+            "program, which torch (onnxruntime for onnx) loads without fl_rpn. Nothing was written."
+        )
     exported = export_torchvision(model.cpu())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
+    image = torch.rand(3, *image_size, generator=torch.Generator().manual_seed(0))  # what pt2 and onnx trace on
     if fmt == "torchvision":
         torch.save(exported.state_dict(), path)
+    elif fmt == "pt2":
+        torch.export.save(export_program(exported, image), path)
     elif fmt == "torchscript":
         torch.jit.script(exported).save(str(path))
     else:
-        image = torch.rand(3, *image_size, generator=torch.Generator().manual_seed(0))
         torch.onnx.export(
             exported, ([image],), str(path), opset_version=opset, dynamo=False,
             input_names=["image"], output_names=["boxes", "labels", "scores"],
             dynamic_axes={"image": [1, 2], "boxes": [0], "labels": [0], "scores": [0]},
         )  # fmt: skip
-    model_name = ckpt["config"]["model"]["name"]
     settings = {
         "format": fmt, "file": path.name, "fl_rpn_version": __version__, "checkpoint": str(checkpoint),
         "model": model_name, "rpn": ckpt["config"]["rpn"]["name"],
         "torchvision_builder": TORCHVISION_BUILDERS.get(model_name),
+        "torchvision_backbone": TORCHVISION_BACKBONES.get(model_name),
         "class_names": list(ckpt["meta"]["class_names"]), **torchvision_settings(exported),
     }  # fmt: skip
     (out_dir / "model.json").write_text(json.dumps(settings, indent=2))

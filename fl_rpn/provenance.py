@@ -13,7 +13,7 @@ import torch
 import torchvision
 from omegaconf import DictConfig
 
-from . import __version__
+from ._version import __version__
 
 # The folder above the package: the project's checkout when run from source or an editable install,
 # site-packages (or wherever pip put it) for an installed wheel.

@@ -2,11 +2,14 @@
 
 The benchmarks run on the CPU with ``--no-write`` (RESULTS.md stays as it is: checked) and, where they have it,
 ``--json`` into ``tmp_path``; their JSON is read back, and made into the summary table of ``gpu_check_summary.py``
-as ``gpu_check.sh`` would. ``data_pipeline.py`` and ``prior_init/measure.py`` read a 4-image COCO-format stand-in
-for COCO128; ``stability/run.py`` trains one arm for one iteration; ``decoupled_head/objectness_scores.py`` scores
-two one-iteration runs; ``gpu_check.sh`` parses, and its ``--device cpu`` dry run goes through every step with a
-stand-in interpreter that records each command instead of running it (the steps' scripts are the ones run here). A
-script added to experiments/ without a test here fails ``test_every_experiment_script_has_a_smoke_test``.
+as ``gpu_check.sh`` would. ``data_pipeline.py``, ``vs_torchvision_reference.py`` and ``prior_init/measure.py`` read
+a 4-image COCO-format stand-in for COCO128 (``vs_torchvision_reference.py`` runs fl-rpn-train at tiny size against
+a stand-in for torchvision's reference train.py that prints its MetricLogger's lines); ``trainer_overhead.py`` times
+two batches of a tiny synthetic run; ``stability/run.py`` trains one arm for one iteration;
+``decoupled_head/objectness_scores.py`` scores two one-iteration runs; ``gpu_check.sh`` parses, and its ``--device
+cpu`` dry run goes through every step with a stand-in interpreter that records each command instead of running it
+(the steps' scripts are the ones run here). A script added to experiments/ without a test here fails
+``test_every_experiment_script_has_a_smoke_test``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from torchvision.io import write_jpeg
 
 from .conftest import FAST, TINY, run_app, write_tiny_data
@@ -33,7 +38,8 @@ TIMEOUT = 300  # seconds; each script takes 5-25 s on a busy 2-core machine
 SCRIPTS = {
     "benchmarks/rpn_loss.py", "benchmarks/train_step.py", "benchmarks/gpu_throughput.py", "benchmarks/sync_count.py",
     "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
-    "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "prior_init/measure.py", "stability/run.py",
+    "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "benchmarks/trainer_overhead.py",
+    "benchmarks/vs_torchvision_reference.py", "prior_init/measure.py", "stability/run.py",
     "decoupled_head/objectness_scores.py", "full_batch/trace_steps.py",
 }  # fmt: skip
 # files the scripts write by default: --no-write, --results and $OUT keep them as they are
@@ -114,6 +120,21 @@ def test_stability_cost(tmp_path, cache):
     arms = {"off", "window statistics", "+ probe every 2"}
     assert set(numbers["median_ms_per_step"]) == set(numbers["time_ratio_paired"]) == arms
     assert numbers["time_ratio_paired"]["off"] == 1.0 and all(map(positive, numbers["median_ms_per_step"].values()))
+
+
+def test_trainer_overhead(tmp_path, cache):
+    """Both arms over 2 batches of a tiny synthetic run, the trainer's with a log line and a checkpoint every step."""
+    data = ["dataset.train.num_images=2", "dataset.val.num_images=1", "dataset.train.image_size=[96,128]",
+            "dataset.val.image_size=[96,128]", "schedule.log_every=1", "schedule.checkpoint_every=1"]  # fmt: skip
+    args = ["--size", "96,128", "--batch", "1", "--iters", "2", "--rounds", "1", "--warmup", "0", "--no-write"]
+    proc = run_script(BENCH / "trainer_overhead.py", *args, "--json", str(tmp_path / "o.json"), *data, cache=cache,
+                      cwd=tmp_path)  # fmt: skip
+    numbers = json.loads((tmp_path / "o.json").read_text())
+    assert set(numbers["median_ms_per_step"]) == set(numbers["mean_ms_per_step"]) == {"bare", "trainer"}
+    assert all(map(positive, [*numbers["median_ms_per_step"].values(), numbers["ratio"], numbers["ratio_paired"]]))
+    medians = numbers["median_ms_per_step"]
+    assert numbers["ratio"] == pytest.approx(medians["trainer"] / medians["bare"]) and numbers["target"] == 1.03
+    assert numbers["overrides"] == data and "trainer / bare: " in proc.stdout
 
 
 def test_train_step(tmp_path, cache):
@@ -224,6 +245,77 @@ def test_data_pipeline(tmp_path, cache):
     rates = dict(line.rsplit(": ", 1) for line in proc.stdout.splitlines() if line.endswith(" images/s"))
     assert set(rates) == {"loader, 0 workers", "loader, 1 workers", "tiny_fpn train step"}
     assert all(positive(float(r.split()[0])) for r in rates.values())
+
+
+# torchvision's references/detection/train.py for vs_torchvision_reference.py: checks the data folder it is given and
+# prints its MetricLogger's per-iteration lines (--print-freq 1) 0.05 s apart, then its total
+STAND_IN_REFERENCE = """
+import argparse, json, time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--data-path")
+parser.add_argument("-b", "--batch-size", type=int)
+parser.add_argument("--output-dir")
+args, _ = parser.parse_known_args()
+root = Path(args.data_path)
+assert (root / "train2017").is_dir() and (root / "val2017").is_dir()
+assert len(json.loads((root / "annotations" / "instances_val2017.json").read_text())["images"]) == 1
+train = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+n = len({a["image_id"] for a in train["annotations"]}) // args.batch_size
+start = time.time()
+for i in range(n):
+    time.sleep(0.05)
+    print(f"Epoch: [0]  [{i}/{n}]  eta: 0:00:00  lr: 0.000020  loss: 1.0000 (1.0000)  time: 0.0500  data: 0.0001")
+print(f"Epoch: [0] Total time: 0:00:00 ({(time.time() - start) / n:.4f} s / it)")
+Path(args.output_dir).mkdir(parents=True)
+"""
+
+
+def test_vs_torchvision_reference(tmp_path, cache):
+    """Both arms' commands, exactly (--dry-run), and a run of each: the real fl-rpn-train at tiny size (overrides after
+    --) against the stand-in reference, whose lines 0.05 s apart make at most 20 images/s at batch 1."""
+    reference = tmp_path / "vision" / "references" / "detection"
+    reference.mkdir(parents=True)
+    (reference / "train.py").write_text(STAND_IN_REFERENCE)
+    data = write_coco128_stand_in(tmp_path / "data") / "coco128"
+    work = tmp_path / "work"
+    script = BENCH / "vs_torchvision_reference.py"
+    args = ["--reference", str(reference), "--data", str(data), "--work", str(work), "--batch", "1", "--workers", "0",
+            "--warmup-iters", "1"]  # fmt: skip
+    proc = run_script(script, *args, "--dry-run", cache=cache, cwd=tmp_path)
+    tag = "v" + torchvision.__version__.split("+")[0]
+    assert f"reference tag {tag}; the checkout's version.txt: unknown" in proc.stdout
+    shown = [line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith(("fl-rpn: ", "reference: "))]
+    commands = dict(shown)
+    assert commands["fl-rpn"] == shlex.join([
+        sys.executable, "-m", "fl_rpn.cli.train", "model=mbv3_fpn", "rpn=sampled", "dataset=coco", f"data_root={work}",
+        "device=cpu", "batch_size=1", "num_workers=0", "model.detector.min_size=800", "model.detector.max_size=1333",
+        "schedule.max_iters=4", "schedule.log_every=1", "schedule.checkpoint_every=4", "schedule.eval_every=0",
+        "eval.evaluators=[]", "seed=0", f"hydra.run.dir={work / 'runs' / 'fl-rpn-0'}",
+    ])  # fmt: skip
+    assert commands["reference"] == shlex.join([
+        sys.executable, str(reference / "train.py"), "--data-path", str(work / "coco"), "--dataset", "coco", "--model",
+        "fasterrcnn_mobilenet_v3_large_fpn", "--device", "cpu", "-b", "1", "--epochs", "1", "--workers", "0",
+        "--print-freq", "1", "--rpn-score-thresh", "0.0", "--use-v2", "--output-dir",
+        str(work / "runs" / "reference-0"),
+    ])  # fmt: skip
+    for name in ("train2017", "val2017", "annotations/instances_train2017.json"):  # the reference's layout
+        assert (work / "coco" / name).is_symlink()
+    assert len(json.loads((work / "coco" / "annotations" / "instances_val2017.json").read_text())["images"]) == 1
+
+    tiny = ["model=tiny_fpn", "model.detector.min_size=96", "model.detector.max_size=128"]
+    run_script(script, *args, "--repeats", "1", "--no-write", "--json", str(tmp_path / "v.json"), "--", *tiny,
+               cache=cache, cwd=tmp_path)  # fmt: skip
+    numbers = json.loads((tmp_path / "v.json").read_text())
+    assert numbers["iterations"] == 4 and numbers["reference_iterations"] == [4] and numbers["reference_tag"] == tag
+    rates = numbers["images_per_second"]
+    assert 2 < rates["reference"] <= 20.5 and positive(rates["fl-rpn"])
+    assert numbers["ratio"] == pytest.approx(rates["fl-rpn"] / rates["reference"])
+    assert positive(numbers["whole_epoch_images_per_second"]["fl-rpn"][0])
+    assert 2 < numbers["whole_epoch_images_per_second"]["reference"][0] <= 20.5
+    assert " model=tiny_fpn " in numbers["commands"]["fl-rpn"] and "mbv3_fpn" not in numbers["commands"]["fl-rpn"]
+    assert (work / "runs" / "fl-rpn-0" / "last.pt").is_file() and (work / "runs" / "reference-0").is_dir()
 
 
 # -- the other studies ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from fl_rpn.engine.build import Trainable, build_trainable
 from fl_rpn.provenance import git_commit
 
 _DEFAULT_THREADS = torch.get_num_threads()  # at import, before any script sets it
@@ -103,6 +104,27 @@ def select_device(name: str) -> torch.device:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- what trains
+
+
+def trainer_parts(cfg, num_classes: int, device: torch.device, seed: int) -> Trainable:
+    """The trainer's model, optimizer, lr schedule, scaler and ``TrainStep`` for the composed config ``cfg``
+    (``fl_rpn.engine.build.build_trainable``: speed options, anchor diagnostics, amp, clipping, non-finite handling
+    all from ``cfg``), built after ``torch.manual_seed(seed)``, so that every arm of the same seed starts from the
+    same weights.
+
+    Unlike the trainer's first iteration, every parameter group's lr is the base one (the schedule's value after
+    its warm-up): a benchmark steps no schedule, and the warm-up's first factor would leave the weights, hence the
+    proposals, almost still.
+    """
+    torch.manual_seed(seed)
+    parts = build_trainable(cfg, num_classes, device=device)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
+    parts.model.train()
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -9,9 +9,11 @@ the end, so it pays the workers' start-up once (the time to the first batch, rep
 Arms, interleaved per round: the loader with each worker count (``--epochs`` epochs each, images/s over
 all of them, time to the first batch reported apart), and a ``--model`` (default ``tiny_fpn``) training
 step (forward, backward, SGD) on a batch of real COCO128 images already in memory: the rate the model
-consumes. On a CPU, R50-FPN is estimated (``--model r50_fpn --device cuda`` measures it on a GPU): its
-FLOPs per training image (``torch.utils.flop_counter``, forward + backward, at its 800x1333 resize)
-against tiny_fpn's, and for a GPU the number of loader workers a given GPU rate needs.
+consumes. Its model and optimizer are the trainer's (``fl_rpn.engine.build.build_trainable``, lr after
+warm-up), stepped by a plain loop, not by the trainer's ``TrainStep``, as in the earlier measurements. On a
+CPU, R50-FPN is estimated (``--model r50_fpn --device cuda`` measures it on a GPU): its FLOPs per training
+image (``torch.utils.flop_counter``, forward + backward, at its 800x1333 resize) against tiny_fpn's, and for
+a GPU the number of loader workers a given GPU rate needs.
 
     FL_RPN_DATA=/path/with/coco128 python experiments/benchmarks/data_pipeline.py
     python experiments/benchmarks/data_pipeline.py --data-root /path/with/coco128 --workers 0,2,4
@@ -36,6 +38,7 @@ from _common import (
     select_device,
     shut_down,
     synchronize,
+    trainer_parts,
     wait_for_quiet,
     write_section,
 )
@@ -44,7 +47,6 @@ from torchvision.io import ImageReadMode, decode_image
 from fl_rpn import build_model
 from fl_rpn.config import compose_config
 from fl_rpn.data import build_dataset
-from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.stream import TrainStream
 
 
@@ -66,9 +68,8 @@ def loader_arm(dataset, batch: int, workers: int, epochs: int, seed: int, first_
 
 def model_arm(dataset, batch: int, rpn: str, seed: int, steps: int, model_name: str, device: torch.device):
     cfg = compose_config([f"model={model_name}", f"rpn={rpn}", f"batch_size={batch}"])
-    torch.manual_seed(seed)
-    model = build_model(cfg, num_classes=dataset.meta.num_classes).to(device).train()
-    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, batch)
+    parts = trainer_parts(cfg, dataset.meta.num_classes, device, seed)
+    model, optimizer = parts.model, parts.optimizer
     # a fixed batch of real images (the first ones with boxes), decoded once
     samples = [dataset[i] for i in range(len(dataset))]
     samples = [s for s in samples if len(s[1]["boxes"])][:batch]

@@ -1,14 +1,18 @@
 """R50-FPN training throughput on a GPU: AMP bf16 vs fp32, channels_last on / off, and data loading overlapped.
 
-Arms, interleaved in one process (the start arm rotated every round), each its own model
-(``compose_config(["model=r50_fpn", "rpn=..."])`` + ``fl_rpn.build_model``, same seed) and SGD optimizer:
+Arms, interleaved in one process (the start arm rotated every round), each its own model, SGD optimizer and
+``TrainStep``, built as the trainer builds them (``fl_rpn.engine.build.build_trainable`` on
+``compose_config(["model=r50_fpn", "rpn=...", "batch_size=...", "amp=...", "channels_last=...", "compile=..."])``,
+the same seed; the optimizer's lr is the base one, after warm-up):
 
 - arms on a fixed synthetic batch already on the device (``--batch`` images at ``--size``; no I/O), by default
-  bf16 / fp32 x channels_last on / off (``--arms``; ``bf16+cl+compile`` adds ``torch.compile`` of the backbone + FPN
-  and RPN head with ``--compile-mode``, as ``compile=...`` does in training). What the model alone consumes.
+  bf16 / fp32 x channels_last on / off (``--arms``; ``bf16+cl+compile`` adds ``compile=--compile-mode``:
+  ``torch.compile`` of the backbone + FPN and RPN head, as in training). What the model alone consumes.
 - ``loader``: the ``--loader-amp`` / ``--loader-channels-last`` setting fed by real data: the project's
   dataset (``fl_rpn.data.build_dataset``: file read, PNG / JPEG decode, training transforms) batched by the
-  trainer's ``TrainStream`` (``--workers`` worker processes, pinned memory on CUDA), images and targets copied with
+  trainer's ``TrainStream`` (``--workers`` worker processes, pinned memory on CUDA; built here rather than by
+  ``build_run``, which would also need the dataset's val split and give the model the dataset's classes instead of
+  ``--num-classes``, the fixed-batch arms'), images and targets copied with
   ``non_blocking=True``. ``--data synthetic`` (default) generates the project's synthetic set with images of
   ``--data-size`` (default: ``--size`` scaled to a 640-px long side, COCO-like, so the model resizes every
   image to ``--size`` and the arm computes on the same shapes as the fixed-batch arms); ``--data coco128``
@@ -18,8 +22,8 @@ Arms, interleaved in one process (the start arm rotated every round), each its o
   start-up and the first batch (reported apart), which training pays once per stream. Also reported: the time
   the main process waited for batches after the first one; near zero means the loader keeps up with the model.
 
-Each step is the trainer's own (``fl_rpn.engine.step.TrainStep``): autocast forward, loss sum, finiteness check,
-zero_grad, backward, SGD step.
+Each step is the trainer's own ``TrainStep``: autocast forward, loss sum, finiteness check, zero_grad, backward, SGD
+step.
 Reported per arm: median images/s over ``--rounds`` samples, against torchvision's reference recipe
 (~9 images/s per V100) and the target of >= 40 images/s on one H100; peak CUDA memory over one sample.
 
@@ -55,19 +59,17 @@ from _common import (
     read_section,
     shut_down,
     synchronize,
+    trainer_parts,
     wait_for_quiet,
     write_numbers,
     write_section,
 )
 from train_step import make_batch
 
-from fl_rpn import build_model
 from fl_rpn.config import compose_config
 from fl_rpn.data import build_dataset
-from fl_rpn.engine.optim import build_optimizer
 from fl_rpn.engine.step import TrainStep
 from fl_rpn.engine.stream import TrainStream
-from fl_rpn.modeling.model import apply_speed_options
 
 TITLE = "5. GPU throughput, R50-FPN (`gpu_throughput.py`)"
 REFERENCE_V100 = 9.0  # images/s per V100, torchvision's detection reference recipe (R50-FPN, 26 epochs)
@@ -91,17 +93,13 @@ def arm_name(amp: str, channels_last: bool, compiled: str | None = None) -> str:
 
 
 def build_arm(args, amp: str, channels_last: bool, size: tuple[int, int], device: torch.device, compiled=None):
-    """The arm's model and SGD optimizer, as its ``TrainStep``."""
+    """The arm's ``TrainStep`` (its model and SGD optimizer), as the trainer builds it."""
     h, w = size
     overrides = [f"model={args.model}", f"rpn={args.rpn}", f"batch_size={args.batch}"]
     overrides += [f"model.detector.min_size={min(h, w)}", f"model.detector.max_size={max(h, w)}"]
-    cfg = compose_config(overrides)
-    torch.manual_seed(args.seed)
-    model = build_model(cfg, num_classes=args.num_classes).to(device).train()
-    apply_speed_options(model, channels_last=channels_last, compile_mode=compiled)  # as the trainer does
-    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
-    amp_dtype = torch.bfloat16 if amp == "bf16" else None
-    return TrainStep(model=model, optimizer=optimizer, device=device, amp_dtype=amp_dtype)
+    overrides += [f"amp={'bf16' if amp == 'bf16' else 'null'}", f"channels_last={str(channels_last).lower()}",
+                  f"compile={compiled or 'null'}"]  # fmt: skip
+    return trainer_parts(compose_config(overrides), args.num_classes, device, args.seed).step
 
 
 def load_dataset(args, size: tuple[int, int]):

@@ -4,10 +4,13 @@ training step: the trainer's step (``TrainStep``) with no monitor, with the wind
 
 One timed sample is a block of ``--log-every`` iterations (one logging window: the probes it holds and the window
 statistics at its end), so the per-step times are block means, not medians that would hide the probe iterations.
-The monitor is ``fl_rpn.engine.stability.StabilityMonitor`` as the trainer builds it, driven through its own
-``before_train`` / ``after_step``; its TensorBoard writer is left out (one ``add_scalar`` per diagnostic per window).
-Every arm starts from the same weights with lr 0, so all see the same proposals and RoIs at every step and what
-differs is the monitor alone. Batch: ``train_step.py``'s fixed synthetic tensors.
+Each arm is built as the trainer builds it: ``fl_rpn.engine.build.build_trainable`` on ``compose_config`` with the
+arm's ``stability.enabled`` / ``stability.probe_every`` overrides, and its ``StabilityMonitor`` picked from the
+trainer's own hooks (``fl_rpn.engine.build.build_hooks``), driven through its ``before_train`` / ``after_step`` on a
+``TrainState`` of those parts; there is no TensorBoard writer (one ``add_scalar`` per diagnostic per window).
+Where it deliberately differs from the trainer: every arm starts from the same weights with lr 0 (set on top of
+what ``build_trainable`` returns; no schedule is stepped), so all see the same proposals and RoIs at every step and
+what differs is the monitor alone. Batch: ``train_step.py``'s fixed synthetic tensors.
 
     python experiments/benchmarks/stability_cost.py                          # tiny_fpn, focal_softmax, shared
     python experiments/benchmarks/stability_cost.py --rpn sampled --head decoupled
@@ -16,7 +19,7 @@ differs is the monitor alone. Batch: ``train_step.py``'s fixed synthetic tensors
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 from _common import (
@@ -28,49 +31,42 @@ from _common import (
     median,
     provenance_lines,
     select_device,
+    trainer_parts,
     wait_for_quiet,
     write_numbers,
     write_section,
 )
 from train_step import make_batch
 
-from fl_rpn import build_model
 from fl_rpn.config import compose_config
-from fl_rpn.engine.distributed import DistInfo
-from fl_rpn.engine.optim import build_optimizer
+from fl_rpn.engine.build import build_hooks
+from fl_rpn.engine.distributed import SINGLE_PROCESS
+from fl_rpn.engine.hooks import Preemption, TrainState
 from fl_rpn.engine.stability import StabilityMonitor
-from fl_rpn.engine.step import TrainStep
-from fl_rpn.modeling.diagnostics import attach_anchor_diagnostics
 
 
-class _NoWriter:
-    def add_scalars(self, scalars: dict[str, float], iteration: int) -> None:
-        pass
-
-
-def make_block(cfg, args, images, targets, device, probe_every: int | None):
+def make_block(overrides: list[str], args, images, targets, device, probe_every: int | None):
     """``--log-every`` trainer iterations as a no-argument callable; ``probe_every`` None: no monitor."""
-    torch.manual_seed(args.seed)
-    model = build_model(cfg, num_classes=args.num_classes).to(device).train()
-    attach_anchor_diagnostics(model.rpn)  # as the trainer does; a no-op for the focal RPN
-    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
-    for group in optimizer.param_groups:
+    stability = ["stability.enabled=false"] if probe_every is None else \
+        ["stability.enabled=true", f"stability.probe_every={probe_every}"]  # fmt: skip
+    cfg = compose_config(overrides + stability)
+    parts = trainer_parts(cfg, args.num_classes, device, args.seed)
+    for group in parts.optimizer.param_groups:
         group["lr"] = 0.0
-    step = TrainStep(model=model, optimizer=optimizer, device=device)
-    monitor = None
-    if probe_every is not None:
-        monitor = StabilityMonitor(logger=_NoWriter(), log_every=args.log_every, max_iters=10**9,
-                                   k=cfg.stability.spike_k, median_window=cfg.stability.median_window,
-                                   probe_every=probe_every)  # fmt: skip
-    state = SimpleNamespace(model=model, step=step, dist_info=DistInfo(), history=[], iteration=0, output=None)
-    if monitor is not None:
+    state = TrainState(
+        cfg=cfg, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler, scaler=parts.scaler,
+        step=parts.step, dist_info=SINGLE_PROCESS, device=device, output_dir=Path("."), train_set=None, val_set=None,
+        start_iter=0, iteration=0, max_iters=10**9, log_every=cfg.schedule.log_every, history=[],
+    )  # fmt: skip
+    monitors = [h for h in build_hooks(cfg, state, Preemption(), {}) if isinstance(h, StabilityMonitor)]
+    for monitor in monitors:
         monitor.before_train(state)
 
     def block() -> None:
         for _ in range(args.log_every):
-            state.output = step(images, targets, iteration=state.iteration)
-            state.iteration += 1
-            if monitor is not None:
+            state.output = parts.step(images, targets, iteration=state.iteration)
+            state.advance(len(images))
+            for monitor in monitors:
                 monitor.after_step(state)
 
     return block
@@ -98,12 +94,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_before = wait_for_quiet(args.max_load, args.wait_for_load) if args.wait_for_load else load_average()
     print(f"load average: {load_before}; torch threads {torch.get_num_threads()}", flush=True)
-    cfg = compose_config([f"model={args.model}", f"rpn={args.rpn}", f"rpn.head.kind={args.head}",
-                          f"batch_size={args.batch}", f"model.detector.min_size={h}",
-                          f"model.detector.max_size={w}"])  # fmt: skip
+    overrides = [f"model={args.model}", f"rpn={args.rpn}", f"rpn.head.kind={args.head}", f"batch_size={args.batch}",
+                 f"model.detector.min_size={h}", f"model.detector.max_size={w}",
+                 f"schedule.log_every={args.log_every}"]  # fmt: skip
     images, targets = make_batch(args.batch, (h, w), args.num_classes, device, args.seed)
     arms = {"off": None, "window statistics": 0, f"+ probe every {args.probe_every}": args.probe_every}
-    blocks = {name: make_block(cfg, args, images, targets, device, pe) for name, pe in arms.items()}
+    blocks = {name: make_block(overrides, args, images, targets, device, pe) for name, pe in arms.items()}
     times = interleaved_times(blocks, args.rounds, device, warmup=args.warmup)
     load_after = load_average()
 

@@ -1,7 +1,9 @@
 """Host syncs in one training step per RPN form, counted with ``torch.cuda.set_sync_debug_mode("warn")``.
 
-The step is the trainer's own, ``fl_rpn.engine.step.TrainStep`` (autocast forward, loss sum, finiteness check,
-zero_grad, backward, SGD step) on a fixed synthetic batch already on the device, after one warm-up step. Every
+The step is the trainer's own ``TrainStep`` (autocast forward, loss sum, finiteness check, zero_grad, backward, SGD
+step), built as the trainer builds it (``fl_rpn.engine.build.build_trainable`` on ``compose_config`` with ``model=``,
+``rpn=``, ``batch_size=``, the image size and ``amp=``; the sampled RPN's anchor diagnostics attached), on a fixed
+synthetic batch already on the device, after one warm-up step. Every
 synchronizing CUDA call warns from the Python line that made it; the warnings are grouped by that line and by who
 owns it (``fl_rpn``, ``torchvision``, ``torch`` or this benchmark). On the CPU nothing warns (the mode is CUDA's): the
 run only checks the script.
@@ -17,14 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from _common import add_common_arguments, select_device, write_numbers
+from _common import add_common_arguments, select_device, trainer_parts, write_numbers
 from train_step import make_batch
 
-from fl_rpn import build_model
 from fl_rpn.config import compose_config
-from fl_rpn.engine.optim import build_optimizer
-from fl_rpn.engine.step import TrainStep
-from fl_rpn.modeling.diagnostics import attach_anchor_diagnostics
 
 FORMS = ("sampled", "focal_sigmoid", "focal_softmax")
 
@@ -72,19 +70,12 @@ def main() -> None:
     device = select_device(args.device)
     h, w = (int(s) for s in args.size.split(","))
     images, targets = make_batch(args.batch, (h, w), 5, device, args.seed)
-    amp_dtype = torch.bfloat16 if args.amp else None
 
     result = {}
     for form in FORMS:
-        overrides = [f"model={args.model}", f"rpn={form}", f"model.detector.min_size={min(h, w)}",
-                     f"model.detector.max_size={max(h, w)}"]  # fmt: skip
-        cfg = compose_config(overrides)
-        torch.manual_seed(args.seed)
-        model = build_model(cfg, num_classes=5).to(device).train()
-        attach_anchor_diagnostics(model.rpn)  # as the trainer does
-        optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
-
-        train_step = TrainStep(model=model, optimizer=optimizer, device=device, amp_dtype=amp_dtype)
+        overrides = [f"model={args.model}", f"rpn={form}", f"batch_size={args.batch}", f"amp={args.amp or 'null'}",
+                     f"model.detector.min_size={min(h, w)}", f"model.detector.max_size={max(h, w)}"]  # fmt: skip
+        train_step = trainer_parts(compose_config(overrides), 5, device, args.seed).step
 
         def step(train_step=train_step) -> None:
             train_step(images, targets)

@@ -1,11 +1,17 @@
 """Whole training step, sampled RPN vs FL-RPN (sigmoid, softmax): time and peak memory, interleaved.
 
-One step is the trainer's own, ``fl_rpn.engine.step.TrainStep``: forward in train mode under autocast (losses),
-sum, the finiteness check, ``zero_grad``, ``backward`` (through a disabled GradScaler: no fp16 here), SGD ``step``
-(``fl_rpn.engine.optim.build_optimizer``; no clipping, the config's default), with the anchor diagnostics
-attached to the sampled RPN as the trainer attaches them (``--no-diagnostics`` to drop them). Models come from
-``fl_rpn.config.compose_config`` + ``fl_rpn.build_model``, all arms from the same seed; the batch is a fixed set
-of synthetic tensors (no disk I/O): images uniform in [0, 1], 1-6 boxes per image of 8-50 % of the image side.
+Each arm is built as the trainer builds it, by ``fl_rpn.engine.build.build_trainable`` on
+``fl_rpn.config.compose_config`` with the arm's overrides (``model=``, ``rpn=``, ``batch_size=``, the image size,
+``amp=``, ``channels_last=``), all arms from the same seed; one step is its ``TrainStep``: forward in train mode
+under autocast (losses), sum, the finiteness check, ``zero_grad``, ``backward`` (through the trainer's GradScaler,
+enabled for fp16 only), SGD ``step`` (no clipping, the config's default), with the sampled RPN's anchor diagnostics
+attached as the trainer attaches them. The optimizer's lr is the base one (after warm-up; no schedule is stepped).
+The batch is a fixed set of synthetic tensors (no disk I/O): images uniform in [0, 1], 1-6 boxes per image of
+8-50 % of the image side.
+
+Where it deliberately differs from the trainer, on top of what ``build_trainable`` returns: ``--no-diagnostics``
+takes the diagnostics off the sampled RPN again (its own sampler back, the head's forward hook removed);
+``--same-state`` loads the sampled model's weights into every arm and sets the lr to 0.
 
     python experiments/benchmarks/train_step.py                                  # tiny_fpn, CPU demo scale
     python experiments/benchmarks/train_step.py --model r50_fpn --size 800,1333 --batch 2 --device cuda
@@ -32,16 +38,15 @@ from _common import (
     provenance_lines,
     select_device,
     synchronize,
+    trainer_parts,
     wait_for_quiet,
     write_numbers,
     write_section,
 )
 
-from fl_rpn import build_model
 from fl_rpn.config import compose_config
-from fl_rpn.engine.optim import build_optimizer
-from fl_rpn.engine.step import TrainStep
-from fl_rpn.modeling.diagnostics import attach_anchor_diagnostics
+from fl_rpn.engine.build import Trainable
+from fl_rpn.modeling.diagnostics import detach_anchor_diagnostics
 
 ARMS = ("sampled", "focal_sigmoid", "focal_softmax")
 
@@ -75,22 +80,19 @@ def same_state_as(model, sampled_state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state)
 
 
-def make_arm(arm: str, args, num_classes: int, device: torch.device):
-    cfg = compose_config(arm_overrides(arm, args))
-    torch.manual_seed(args.seed)
-    model = build_model(cfg, num_classes=num_classes).to(device).train()
+def make_arm(arm: str, args, num_classes: int, device: torch.device) -> Trainable:
+    """The arm's model, optimizer and ``TrainStep``, built as the trainer builds them, then ``--same-state`` and
+    ``--no-diagnostics`` on top."""
+    speed = [f"amp={args.amp or 'null'}", f"channels_last={str(args.channels_last).lower()}"]
+    parts = trainer_parts(compose_config(arm_overrides(arm, args) + speed), num_classes, device, args.seed)
     if args.same_state:
-        torch.manual_seed(args.seed)
-        same_state_as(model, build_model(compose_config(arm_overrides("sampled", args)), num_classes).state_dict())
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if not args.no_diagnostics:
-        attach_anchor_diagnostics(model.rpn)  # a no-op for FocalLossRPN, which records its own
-    optimizer = build_optimizer(model, cfg.optim, cfg.rpn.cls_lr_mult, args.batch)
-    if args.same_state:  # the full backward still runs; the weights, hence proposals and RoIs, stay the same
-        for group in optimizer.param_groups:
-            group["lr"] = 0.0
-    return model, optimizer
+        sampled = trainer_parts(compose_config(arm_overrides("sampled", args)), num_classes, device, args.seed)
+        same_state_as(parts.model, sampled.model.state_dict())
+        for group in parts.optimizer.param_groups:  # the full backward still runs; the weights, hence proposals
+            group["lr"] = 0.0  # and RoIs, stay the same
+    if args.no_diagnostics:
+        detach_anchor_diagnostics(parts.model.rpn)
+    return parts
 
 
 def arm_overrides(arm: str, args) -> list[str]:
@@ -102,16 +104,6 @@ def arm_overrides(arm: str, args) -> list[str]:
     if args.size:
         overrides += [f"model.detector.min_size={args.size[0]}", f"model.detector.max_size={args.size[1]}"]
     return overrides
-
-
-def make_step(model, optimizer, images, targets, device, amp_dtype):
-    """One trainer iteration (``TrainStep``) on a batch already on ``device``, as a no-argument callable."""
-    train_step = TrainStep(model=model, optimizer=optimizer, device=device, amp_dtype=amp_dtype)
-
-    def step() -> None:
-        train_step(images, targets)
-
-    return step
 
 
 def profile_table(step, device: torch.device, rows: int) -> str:
@@ -152,9 +144,8 @@ def main() -> None:
     device = select_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    if amp_dtype is torch.float16:
-        parser.error("--amp fp16 needs a GradScaler; use bf16 here")
+    if args.amp == "fp16" and device.type != "cuda":
+        parser.error("--amp fp16 needs CUDA (the trainer's GradScaler); use bf16 here")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     load_before = wait_for_quiet(args.max_load, args.wait_for_load) if args.wait_for_load else load_average()
     print(f"load average: {load_before}; torch threads {torch.get_num_threads()}", flush=True)
@@ -163,8 +154,9 @@ def main() -> None:
     images, targets = make_batch(args.batch, (h, w), args.num_classes, device, args.seed)
     steps, anchors = {}, {}
     for arm in arms:
-        model, optimizer = make_arm(arm, args, args.num_classes, device)
-        steps[arm] = make_step(model, optimizer, images, targets, device, amp_dtype)
+        parts = make_arm(arm, args, args.num_classes, device)
+        model = parts.model
+        steps[arm] = lambda step=parts.step: step(images, targets)
         # anchors per step: what the RPN loss sees
         with torch.no_grad():
             image_list, _ = model.transform(images, None)

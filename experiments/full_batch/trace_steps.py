@@ -28,8 +28,12 @@ from pathlib import Path
 import torch
 
 from fl_rpn.data.dataset import DetectionDataset
-from fl_rpn.engine import trainer
 from fl_rpn.engine.hooks import HookBase
+
+try:  # where the run's hooks are built: engine/build.py, or engine/trainer.py before the build / run split
+    from fl_rpn.engine import build as hook_builder
+except ImportError:
+    from fl_rpn.engine import trainer as hook_builder
 
 
 class StepTracer(HookBase):
@@ -44,7 +48,10 @@ class StepTracer(HookBase):
     def before_train(self, state) -> None:
         self.file = self.path.open("a")
         self.params = [p for p in state.model.parameters() if p.requires_grad]
-        state.step.before_backward = self.probe
+        if isinstance(state.step.before_backward, list):
+            state.step.before_backward.append(self.probe)
+        else:  # before the engine's build / run split (commit 1360332, where the mechanism was traced): one callable
+            state.step.before_backward = self.probe
 
     def probe(self, losses, iteration) -> None:
         grads = torch.autograd.grad(losses["loss_objectness"], self.params, retain_graph=True, allow_unused=True)
@@ -102,8 +109,8 @@ def main() -> None:
         return get_item(self, index)
 
     DetectionDataset.__getitem__ = watched
-    build_hooks = trainer.build_hooks
-    trainer.build_hooks = lambda *a, **k: [*build_hooks(*a, **k), tracer]
+    build_hooks = hook_builder.build_hooks
+    hook_builder.build_hooks = lambda *a, **k: [*build_hooks(*a, **k), tracer]
 
     from fl_rpn.cli.train import main as train_main
 

@@ -3,9 +3,10 @@
 fl-rpn-check-data dataset=coco128 data_root=/data                 # same overrides as fl-rpn-train
 fl-rpn-check-data dataset=coco data_root=/data check_images=header  # headers only: faster, misses truncation
 
-The config is validated first, as ``fl-rpn-train`` does (``fl_rpn.config_check``): a bad value stops the command
+The config is validated first, as ``fl-rpn-train`` does (``fl_rpn.engine.validate``): a bad value stops the command
 with the key named, before any data is read. Then it prints, per split, the image / box / class counts, what
-the reader skipped or flagged (clipped and dropped boxes, empty images, ...) and every problem (a file that is
+the reader skipped or flagged (clipped and dropped boxes, empty images, ...), the boxes and images of each class
+(most boxes first, and the ratio of the most to the least frequent class's boxes) and every problem (a file that is
 missing, not an image, truncated, or of another size than its annotations say; or the reader's error for a
 bad annotation file). Exits 1 if any split has a problem, else 0.
 """
@@ -16,9 +17,10 @@ import hydra
 from omegaconf import DictConfig
 
 from ..config import CONF_DIR
-from ..config_check import validate_config
 from ..data import SplitReport, build_dataset, check_dataset
+from ..engine.validate import validate_config
 from ..errors import report_errors
+from .preflight import preflight
 
 
 def check_data(cfg: DictConfig) -> list[SplitReport]:
@@ -47,13 +49,25 @@ def check_data(cfg: DictConfig) -> list[SplitReport]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
 @report_errors
-def main(cfg: DictConfig) -> None:
+def check_data_app(cfg: DictConfig) -> None:
     reports = check_data(cfg)
     for report in reports:
-        print(report.summary(max_problems=1000))
+        print(report.summary(max_problems=1000, per_class=True))
     if not all(r.ok for r in reports):
         print("fl-rpn-check-data: problems found", file=sys.stderr)
         sys.exit(1)
+
+
+def main() -> None:
+    preflight(
+        "fl-rpn-check-data", "train",
+        "read both splits of a dataset config (the same overrides as fl-rpn-train) and decode every image; prints "
+        "the counts per split and per class and every problem; exits 1 if there is one",
+        examples=["fl-rpn-check-data dataset=bccd data_root=DIR",
+                  "fl-rpn-check-data scale=coco128 data_root=DIR check_images=header   # headers only: faster"],
+        groups=["scale", "dataset"],
+    )  # fmt: skip
+    check_data_app()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""``fl-rpn-predict``: draw a checkpoint's detections (and top-k RPN proposals, and the ground truth) on images."""
+"""``fl-rpn-predict``: draw a checkpoint's detections (and top-k RPN proposals, and the ground truth) on images.
+
+Each drawing gets a caption strip under it, and each image a printed line, with the number of detections at or
+above ``score_thresh`` and, when there are none, the best score below it (``0 detections >= 0.5; best 0.35``).
+"""
 
 import sys
 from collections import Counter
@@ -8,15 +12,17 @@ import hydra
 import torch
 from omegaconf import DictConfig
 from torchvision.io import write_png
+from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
 from ..config import CONF_DIR
 from ..data.dataset import read_image
 from ..data.yolo import IMAGE_SUFFIXES
 from ..engine.checkpoint import model_from_checkpoint
-from ..engine.evaluate import predict
-from ..engine.trainer import select_device
+from ..engine.evaluate import predict, select_device
 from ..errors import report_errors
+from .eval import describe_val, use_checkpoint_data
+from .preflight import preflight
 
 
 def image_files(inputs: list[str]) -> list[Path]:
@@ -84,6 +90,35 @@ def draw(
     return draw_boxes(image, output["boxes"][keep], labels, texts)
 
 
+def detection_summary(scores: torch.Tensor, score_thresh: float, box_score_thresh: float) -> str:
+    """``"3 detections >= 0.5"``; with none, the best of the ``[D]`` ``scores`` below it, ``"0 detections >= 0.5;
+    best 0.35"``, or that the model kept none (every box scored at most its ``box_score_thresh``)."""
+    count = int((scores >= score_thresh).sum())
+    text = f"{count} detection{'' if count == 1 else 's'} >= {score_thresh:g}"
+    if count:
+        return text
+    if not len(scores):
+        return f"{text}; none above the model's box_score_thresh {box_score_thresh:g}"
+    return f"{text}; best {int(scores.max() * 100) / 100:.2f}"  # rounded down: 0.499 is not shown as 0.50
+
+
+def add_caption(image: torch.Tensor, lines: list[str]) -> torch.Tensor:
+    """``image`` uint8 ``[3, H, W]`` over a white strip ``[3, h, W]`` with ``lines`` in black, one a row, in the
+    label font size (smaller if a line would not fit the width)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width = image.shape[2]
+    size = drawing_sizes(image)[1]
+    longest = max(ImageFont.truetype(_font(), size).getlength(line) for line in lines)
+    size = max(6, min(size, int(size * (width - 4) / longest)))
+    font, row = ImageFont.truetype(_font(), size), round(1.25 * size)
+    strip = Image.new("RGB", (width, row * len(lines) + 4), "white")
+    pen = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        pen.text((2, 2 + i * row), line, fill="black", font=font)
+    return torch.cat([image, pil_to_tensor(strip)], dim=1)
+
+
 def draw_ground_truth(image: torch.Tensor, target: dict, class_names: list[str]) -> torch.Tensor:
     """``image`` with the ground-truth ``boxes`` and ``labels`` of ``target`` (ignored ones marked ``(ignored)``)."""
     ignore = target.get("ignore", torch.zeros(len(target["labels"]), dtype=torch.bool))
@@ -112,17 +147,22 @@ def ground_truth_by_file(cfg: DictConfig) -> dict[Path, dict]:
     }  # fmt: skip
 
 
-def predict_images(cfg: DictConfig) -> list[Path]:
+def predict_images(cfg: DictConfig, overrides: list[str] | None = None) -> list[Path]:
     """Draw every input; an input that cannot be read is reported and skipped, and after the others are drawn a
     ``ValueError`` lists every such input. With ``ground_truth=true`` an input of ``dataset.val`` (matched by path)
-    gets its ground truth drawn on the left and the predictions on the right."""
+    gets its ground truth drawn on the left and the predictions on the right; ``dataset`` is the checkpoint's own
+    unless ``overrides`` (default: the command line's) choose it (``fl_rpn.cli.eval.use_checkpoint_data``)."""
     device = select_device(cfg.device)
     model, ckpt = model_from_checkpoint(cfg.checkpoint)
     model.to(device)
     class_names = ckpt["meta"]["class_names"]
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ground_truth = ground_truth_by_file(cfg) if cfg.ground_truth else {}
+    ground_truth = {}
+    if cfg.ground_truth:
+        data_from, _ = use_checkpoint_data(cfg, ckpt, overrides)
+        ground_truth = ground_truth_by_file(cfg)
+        print(f"ground truth from dataset.val: {describe_val(cfg.dataset)}, {len(ground_truth)} images ({data_from})")
     written, unreadable = [], []
     files = image_files(list(cfg.inputs))
     for file, name in zip(files, output_names(files)):
@@ -135,6 +175,10 @@ def predict_images(cfg: DictConfig) -> list[Path]:
         (output,) = predict(model, [image.to(device).float() / 255])
         output = {k: v.cpu() for k, v in output.items()}
         drawing = draw(image, output, class_names, cfg.score_thresh, cfg.proposals_topk)
+        summary = detection_summary(output["scores"], cfg.score_thresh, model.roi_heads.score_thresh)
+        caption = [summary]
+        if cfg.proposals_topk > 0 and len(output["proposals"]):
+            caption.append(f"grey: top-{min(cfg.proposals_topk, len(output['proposals']))} RPN proposals")
         note = ""
         if cfg.ground_truth:
             target = ground_truth.get(file.resolve())
@@ -143,10 +187,13 @@ def predict_images(cfg: DictConfig) -> list[Path]:
             else:
                 drawing = side_by_side(draw_ground_truth(image, target, class_names), drawing)
                 note = f", {len(target['boxes'])} ground-truth boxes on the left"
+                caption.append(f"left: ground truth ({len(target['boxes'])} boxes)")
+        if cfg.caption:
+            drawing = add_caption(drawing, caption)
         path = out_dir / name
         write_png(drawing, str(path))
         written.append(path)
-        print(f"{file} -> {path}: {int((output['scores'] >= cfg.score_thresh).sum())} detections{note}")
+        print(f"{file} -> {path}: {summary}{note}")
     if unreadable:
         raise ValueError(
             f"inputs: {len(unreadable)} of {len(files)} images could not be read (the other {len(written)} were "
@@ -157,8 +204,20 @@ def predict_images(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base=None)
 @report_errors
-def main(cfg: DictConfig) -> None:
+def predict_app(cfg: DictConfig) -> None:
     predict_images(cfg)
+
+
+def main() -> None:
+    preflight(
+        "fl-rpn-predict", "predict",
+        "draw a checkpoint's detections (score >= score_thresh), optionally its top-k RPN proposals (grey) and the "
+        "ground truth, on images; prints per image how many detections passed the threshold and the best score",
+        examples=["fl-rpn-predict checkpoint=RUN/last.pt inputs=[photo.jpg,folder/] proposals_topk=20",
+                  "fl-rpn-predict checkpoint=RUN/last.pt inputs=[DIR/JPEGImages] ground_truth=true score_thresh=0.3"],
+        groups=[],
+    )  # fmt: skip
+    predict_app()
 
 
 if __name__ == "__main__":

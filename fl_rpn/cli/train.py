@@ -15,10 +15,16 @@ from ..config import CONF_DIR
 from ..engine.distributed import launched_by
 from ..engine.trainer import train
 from ..errors import report_errors
+from .preflight import preflight
 
 # Exit status after SIGTERM (pre-emption, scancel): what a shell reports for a process killed by SIGTERM,
 # so that `fl-rpn-train ... && next-step` and job accounting do not take a pre-empted run for a finished one.
 PREEMPTED_EXIT_CODE = 128 + 15
+COMMANDS_SUMMARY = (
+    "train a two-stage detector with a focal-loss RPN (or torchvision's sampled RPN), evaluate it and write "
+    "metrics.json.\n`scale=` picks a whole setting (dataset + model + schedule + image size); `dataset=` swaps only "
+    "the data and keeps the rest (the CPU demo's schedule, for instance)"
+)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)
@@ -33,6 +39,13 @@ def train_app(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Under torchrun or srun, ranks > 0 make no run directory and write no Hydra files (they log to stdout):
     ``train`` hands them rank 0's run directory, which may be named for another second."""
+    preflight(
+        "fl-rpn-train", "train", COMMANDS_SUMMARY,
+        examples=["fl-rpn-train                                    # the CPU demo: synthetic data, minutes",
+                  "fl-rpn-train scale=bccd data_root=DIR rpn=sampled   # BCCD, the sampled-RPN baseline",
+                  "fl-rpn-train -m experiment=prcv2018_table_b_box scale=bccd data_root=DIR   # the ablation sweep"],
+        groups=["scale", "dataset", "model", "rpn", "schedule", "eval", "optim", "experiment"],
+    )  # fmt: skip
     if launched_by()[0] > 0:
         sys.argv[1:1] = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
     # conf/hydra/launcher/{joblib,submitit_local}.yaml share their plugin's schema name; they are complete

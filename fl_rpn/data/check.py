@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import torch.distributed as dist
 
 from .dataset import DetectionDataset, image_size, read_image, size_mismatch
 from .records import ImageRecord
@@ -80,12 +83,14 @@ class SplitReport:
     depth: str = "exists"
     stats: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    class_counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # class -> (boxes, images), not ignored
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-    def summary(self, max_problems: int = 20) -> str:
+    def summary(self, max_problems: int = 20, per_class: bool = False) -> str:
+        """The counts and problems; ``per_class``: also the boxes and images of each class (``class_lines``)."""
         lines = [
             f"{self.name}: {self.images} images, {self.boxes} boxes ({self.ignored_boxes} ignored), "
             f"{self.classes} classes; images checked: {self.depth}"
@@ -93,6 +98,8 @@ class SplitReport:
         counted = {k: v for k, v in self.stats.items() if v}
         if counted:
             lines.append("  reader counts: " + ", ".join(f"{k}={v}" for k, v in counted.items()))
+        if per_class:
+            lines += self.class_lines()
         if self.problems:
             lines.append(f"  {len(self.problems)} problem(s):")
             lines += [f"    {p}" for p in self.problems[:max_problems]]
@@ -101,6 +108,19 @@ class SplitReport:
         else:
             lines.append("  OK")
         return "\n".join(lines)
+
+    def class_lines(self) -> list[str]:
+        """Per class, most boxes first: its boxes and the images holding one (ignored boxes left out), then the
+        ratio of the most to the least frequent class's boxes."""
+        if not self.class_counts:
+            return []
+        counts = sorted(self.class_counts.items(), key=lambda item: -item[1][0])  # stable: ties in class order
+        width = max(len("class"), *(len(name) for name in self.class_counts))
+        lines = ["  boxes per class (ignored boxes left out), most first:", f"    {'class':<{width}}  boxes  images"]
+        lines += [f"    {name:<{width}}  {boxes:>5}  {images:>6}" for name, (boxes, images) in counts]
+        (most, (top, _)), (least, (bottom, _)) = counts[0], counts[-1]
+        ratio = f"{top / bottom:.1f}" if bottom else f"inf ({least} has none)"
+        return [*lines, f"  most / least frequent class: {most} / {least} = {top} / {bottom} boxes = {ratio}"]
 
 
 def _no_images(stats: dict[str, int]) -> str:
@@ -116,6 +136,17 @@ def _no_images(stats: dict[str, int]) -> str:
     return problem
 
 
+def class_counts(records: list[ImageRecord], class_names: list[str]) -> dict[str, tuple[int, int]]:
+    """``{class name: (boxes, images holding one)}`` over ``records``, in class order; ignored boxes (crowd, VOC
+    difficult) are left out."""
+    boxes, images = Counter(), Counter()
+    for r in records:
+        labels = r.labels[~r.ignore].tolist()
+        boxes.update(labels)
+        images.update(set(labels))
+    return {name: (boxes[k], images[k]) for k, name in enumerate(class_names, 1)}
+
+
 def check_dataset(
     dataset: DetectionDataset, name: str, depth: str = "exists", workers: int | None = None
 ) -> SplitReport:
@@ -129,6 +160,7 @@ def check_dataset(
         classes=dataset.meta.num_classes,
         depth=depth,
         stats=dict(getattr(dataset, "stats", {})),
+        class_counts=class_counts(records, dataset.meta.class_names),
     )
     if not records:
         report.problems.append(_no_images(report.stats))
@@ -141,12 +173,15 @@ def require_valid(
 ) -> list[SplitReport]:
     """Check each named split, log its summary, and raise ``ValueError`` listing the problems of all of them.
 
-    ``depth`` is one depth for every split, or one per split name.
+    ``depth`` is one depth for every split, or one per split name. Under ``torch.distributed`` every rank checks
+    (and raises), but only rank 0 logs the summaries: ranks > 0 log to stdout without timestamps (``fl_rpn.cli.train``)
+    and would repeat each of them.
     """
     depths = depth if isinstance(depth, Mapping) else dict.fromkeys(datasets, depth)
     reports = [check_dataset(ds, name, depths[name]) for name, ds in datasets.items()]
-    for report in reports:
-        (log.info if report.ok else log.error)("%s", report.summary())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for report in reports:
+            (log.info if report.ok else log.error)("%s", report.summary())
     bad = [r for r in reports if not r.ok]
     if bad:
         raise ValueError(

@@ -104,6 +104,30 @@ def load_coco_api(annotations: str | Path) -> COCO:
     return coco
 
 
+def _coco_record(coco, img_id: int, images: Path, annotations, label_of: dict, stats: dict, train: bool):
+    """The ``ImageRecord`` of one image of ``coco`` (a pycocotools ``COCO``): its boxes as ``xyxy``, labels 1..K,
+    crowd flags and areas (``make_record`` clips or keeps them and counts what it does into ``stats``)."""
+    img, anns = coco.imgs[img_id], coco.imgToAnns.get(img_id, [])
+    boxes, labels, crowd, areas = [], [], [], []
+    for ann in anns:
+        if ann["category_id"] not in label_of:
+            raise ValueError(
+                f"COCO annotation file {annotations}: annotation {ann.get('id')} has category_id "
+                f"{ann['category_id']}, which is not in 'categories'."
+            )
+        x, y, w, h = ann["bbox"]
+        boxes.append([x, y, x + w, y + h])
+        labels.append(label_of[ann["category_id"]])
+        crowd.append(bool(ann.get("iscrowd", 0)))
+        areas.append(ann.get("area", w * h))
+    stats["annotations"] += len(anns)
+    return make_record(
+        images / img["file_name"], img_id, img["width"], img["height"], boxes, labels, crowd, stats, areas=areas,
+        source=f"COCO annotation file {annotations}, image_id {img_id}",
+        box_names=[f"annotation {ann.get('id')}" for ann in anns], train=train,
+    )  # fmt: skip
+
+
 def read_coco(
     images: str | Path, annotations: str | Path, keep_empty: bool = True, train: bool = True
 ) -> tuple[list[ImageRecord], DatasetMeta, dict[str, int]]:
@@ -154,35 +178,7 @@ def read_coco(
                     "of the others.", annotations, stats["duplicate_annotation_ids"])  # fmt: skip
     records = []
     for img_id in sorted(coco.getImgIds()):
-        img = coco.imgs[img_id]
-        anns = coco.imgToAnns.get(img_id, [])
-        boxes, labels, crowd, areas = [], [], [], []
-        for ann in anns:
-            if ann["category_id"] not in label_of:
-                raise ValueError(
-                    f"COCO annotation file {annotations}: annotation {ann.get('id')} has category_id "
-                    f"{ann['category_id']}, which is not in 'categories'."
-                )
-            x, y, w, h = ann["bbox"]
-            boxes.append([x, y, x + w, y + h])
-            labels.append(label_of[ann["category_id"]])
-            crowd.append(bool(ann.get("iscrowd", 0)))
-            areas.append(ann.get("area", w * h))
-        stats["annotations"] += len(anns)
-        record = make_record(
-            images / img["file_name"],
-            img_id,
-            img["width"],
-            img["height"],
-            boxes,
-            labels,
-            crowd,
-            stats,
-            areas=areas,
-            source=f"COCO annotation file {annotations}, image_id {img_id}",
-            box_names=[f"annotation {ann.get('id')}" for ann in anns],
-            train=train,
-        )
+        record = _coco_record(coco, img_id, images, annotations, label_of, stats, train)
         stats["crowd_boxes"] += int(record.ignore.sum())
         if len(record.boxes) == 0:
             stats["empty_images"] += 1

@@ -81,11 +81,13 @@ def parse_voc_xml(
     for i, obj in enumerate(root.iter("object")):
         name = _text(obj, "name", xml_file, f"object {i} ")
         if name not in classes:
+            near = [c for c in classes if spelling_key(c) == spelling_key(name)]
             raise ValueError(
                 f"VOC annotation {xml_file} has an object of unknown class {name!r}; the classes are {list(classes)} "
-                "(set the dataset node's classes to the full list, or to null to collect them from the training "
-                "split's XML files)."
-            )
+                + (f"({near[0]!r} differs only in case or spacing: give the object that spelling in the XML file)."
+                   if near else "(set the dataset node's classes to the full list, or to null to collect them from "
+                   "the training split's XML files).")
+            )  # fmt: skip
         where = f"object {i} ({name}) "
         bb = obj.find("bndbox")
         if bb is None:
@@ -141,9 +143,39 @@ def _image_file(images: Path, name: str, xml_file: Path) -> Path:
     return default
 
 
+def spelling_key(name: str) -> str:
+    """``name`` folded to lower case with its inner whitespace collapsed: ``"Red  Cell"`` and ``"red cell"`` meet."""
+    return " ".join(name.split()).casefold()
+
+
+def _check_spellings(names: dict[str, list[Path]], root: Path) -> None:
+    """Refuse class names that differ only in case or spacing (``RBC`` in one XML file, ``rbc`` in another): almost
+    always a labelling slip, which collecting the names would silently turn into two classes."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        groups.setdefault(spelling_key(name), []).append(name)
+    clashes = [spellings for spellings in groups.values() if len(spellings) > 1]
+    if not clashes:
+        return
+    lines = [f"VOC dataset {root}: class names that differ only in case or spacing would become separate classes:"]
+    for spellings in clashes:
+        for name in spellings:
+            files = names[name]
+            shown = ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            lines.append(f"  {name!r} in {len(files)} file(s): {shown}")
+    lines.append(
+        "Give every object of a class one spelling in the XML files "
+        "(e.g. sed -i 's|<name>rbc</name>|<name>RBC</name>|' Annotations/*.xml), then run again."
+    )
+    raise ValueError("\n".join(lines))
+
+
 def collect_voc_classes(root: str | Path, year: VOCSets = None, split: str = "train") -> list[str]:
-    """The sorted set of ``<object><name>`` values in the XML files of the listed images (one or more sets)."""
-    root, names = Path(root), set()
+    """The sorted set of ``<object><name>`` values in the XML files of the listed images (one or more sets).
+
+    Names that differ only in case or spacing (``spelling_key``) are refused, naming the files of each spelling.
+    """
+    root, names = Path(root), {}
     for y, s in _sets(year, split):
         base = _base(root, y)
         for image_id in _image_ids(base / "ImageSets" / "Main" / f"{s}.txt"):
@@ -154,8 +186,36 @@ def collect_voc_classes(root: str | Path, year: VOCSets = None, split: str = "tr
                 objects = ET.parse(xml_file).getroot().iter("object")
             except ET.ParseError as e:
                 raise ValueError(f"VOC annotation {xml_file} is not valid XML: {e}") from e
-            names.update(_text(obj, "name", xml_file, f"object {i} ") for i, obj in enumerate(objects))
+            for i, obj in enumerate(objects):
+                files = names.setdefault(_text(obj, "name", xml_file, f"object {i} "), [])
+                if not files or files[-1] != xml_file:
+                    files.append(xml_file)
+    _check_spellings(names, root)
     return sorted(names)
+
+
+def _voc_classes(root: Path, sets: list, classes: Sequence[str] | None, classes_from: VOCSets | str) -> list[str]:
+    """``classes`` checked (a list of distinct names), or with ``classes=None`` the names collected from the XML
+    files of ``classes_from`` (a split name of the sets read, or ``(year, split)`` pairs; None: the sets read)."""
+    if classes is None:
+        if classes_from is None:
+            source = sets
+        elif isinstance(classes_from, str):  # a split name: in the year folder(s) read here
+            source = list(dict.fromkeys((y, classes_from) for y, _ in sets))
+        else:
+            source = _sets(classes_from, "")
+        classes = collect_voc_classes(root, source)
+        if not classes:
+            raise ValueError(f"VOC dataset {root}: no classes given and no <object> in the XML files of {source}.")
+        lists = ", ".join(str(_base(root, y) / "ImageSets" / "Main" / f"{s}.txt") for y, s in source)
+        log.info("VOC dataset %s: %d classes collected from the XML files listed in %s (sorted): %s",
+                 root, len(classes), lists, classes)  # fmt: skip
+    if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f"VOC dataset {root}: classes must be a list of class names (e.g. [RBC, WBC]) or null, "
+                         f"got {classes!r}.")  # fmt: skip
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"VOC dataset {root}: the class list {list(classes)} names a class twice.")
+    return list(classes)
 
 
 def read_voc(
@@ -196,25 +256,7 @@ def read_voc(
     root = Path(root)
     sets = _sets(year, split)
     warn_unused = classes is not None and classes is not VOC_CLASSES  # a list of the user's own
-    if classes is None:
-        if classes_from is None:
-            source = sets
-        elif isinstance(classes_from, str):  # a split name: in the year folder(s) read here
-            source = list(dict.fromkeys((y, classes_from) for y, _ in sets))
-        else:
-            source = _sets(classes_from, "")
-        classes = collect_voc_classes(root, source)
-        if not classes:
-            raise ValueError(f"VOC dataset {root}: no classes given and no <object> in the XML files of {source}.")
-        lists = ", ".join(str(_base(root, y) / "ImageSets" / "Main" / f"{s}.txt") for y, s in source)
-        log.info("VOC dataset %s: %d classes collected from the XML files listed in %s (sorted): %s",
-                 root, len(classes), lists, classes)  # fmt: skip
-    if isinstance(classes, str) or not all(isinstance(c, str) and c for c in classes):
-        raise ValueError(f"VOC dataset {root}: classes must be a list of class names (e.g. [RBC, WBC]) or null, "
-                         f"got {classes!r}.")  # fmt: skip
-    classes = list(classes)
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"VOC dataset {root}: the class list {classes} names a class twice.")
+    classes = _voc_classes(root, sets, classes, classes_from)
     stats = {"difficult_boxes": 0, **box_counts(train), "empty_images": 0, "duplicate_ids_skipped": 0}
     records: list[ImageRecord] = []
     seen: set[tuple[str | None, str]] = set()

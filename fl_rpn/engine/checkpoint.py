@@ -25,6 +25,23 @@ def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
     ]
 
 
+def _write_error(error: Exception, path: Path) -> OSError:
+    """The ``OSError`` naming ``path`` for a failed checkpoint write.
+
+    torch's zip writer reports a failed write (``OSError: [Errno 28] No space left on device``) as a
+    ``RuntimeError`` ("[enforce fail at inline_container.cc] ... unexpected pos ..." or "... failed writing ..."),
+    raised while the ``OSError`` is being handled: the ``OSError`` is found in its context chain. A
+    ``RuntimeError`` without one is not a write failure and is raised as it is.
+    """
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        raise error
+    message = f"cannot write checkpoint {path} ({cause.strerror or cause}); the previous checkpoint is kept"
+    return OSError(cause.errno, message) if cause.errno is not None else OSError(message)
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` so that a kill at any moment leaves either the old or the new file.
 
@@ -50,10 +67,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, a quota, a vanished mount: name the file
+    except (OSError, RuntimeError) as e:  # a full disk, a quota, a vanished mount: name the file
         tmp.unlink(missing_ok=True)
-        message = f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint is kept"
-        raise (OSError(e.errno, message) if e.errno is not None else OSError(message)) from e
+        raise _write_error(e, path) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -141,6 +157,8 @@ PRETRAINED_KEY = "model.backbone_weights"
 # keys added after checkpoints were written without them: absent there means this value (what those runs built)
 ADDED_KEYS = {"rpn.head.kind": "shared", "rpn.head.num_convs": 1, "rpn.head.width": None, "rpn.head.norm": None,
               "rpn.head.vary": "width", "rpn.npos_ema": None}  # fmt: skip
+# keys renamed since: a checkpoint's old name is read as the new one
+RENAMED_KEYS = {"rpn.batch_size_per_image": "rpn.box_sample_size"}  # of the focal RPN, which samples nothing
 
 
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:
@@ -171,6 +189,8 @@ def check_resume_config(
     lines = []
     for group in RESUME_MUST_MATCH:
         old = _flatten(saved["config"].get(group, {}), group)
+        if old.get("rpn.loss") == "focal":
+            old = {RENAMED_KEYS.get(k, k): v for k, v in old.items()}
         new = _flatten(OmegaConf.to_container(cfg[group], resolve=True), group)
         for key in sorted(set(old) | set(new)):
             before, now = old.get(key, ADDED_KEYS.get(key, "<absent>")), new.get(key, "<absent>")

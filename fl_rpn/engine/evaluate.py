@@ -89,3 +89,26 @@ def evaluate(
         if dist_info.is_main:
             metrics.update(ev.compute())
     return metrics
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N`` (config key ``device``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def run_evaluation(cfg, model: nn.Module, val_set, device: torch.device, dist_info: DistInfo) -> dict[str, float]:
+    """The configured evaluators (``cfg.eval.evaluators``, each with its options ``cfg.eval.<name>``) over
+    ``val_set``; the metrics on rank 0, ``{}`` on other ranks."""
+    from ..data import build_loader
+    from ..evaluation import build_evaluators, evaluator_options
+
+    evaluators = build_evaluators(list(cfg.eval.evaluators), val_set.meta, evaluator_options(cfg.eval))
+    loader = build_loader(
+        val_set, cfg.eval.batch_size, cfg.num_workers, seed=cfg.seed, distributed=dist_info.enabled,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    return evaluate(model, loader, evaluators, device, dist_info)

@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class TrainState:
     """What the loop and its hooks share. ``iteration`` counts the finished iterations; ``output`` is the last
-    step's; ``history`` the logged scalars (one dict per log, kept in the checkpoint); ``result`` the final
-    metrics (rank 0; ``{}`` on other ranks)."""
+    step's; ``log_now`` says whether this iteration closes a logging window (every ``log_every`` iterations, the last
+    one, and a stop request), the one window every hook logs by; ``log_scalars`` collects what hooks add to that
+    window's entry before the ``MetricsLogger`` writes it; ``history`` the logged scalars (one dict per log, kept in
+    the checkpoint); ``result`` the final metrics (rank 0; ``{}`` on other ranks)."""
 
     cfg: DictConfig
     model: nn.Module
     optimizer: Optimizer
     scheduler: Any
+    scaler: torch.amp.GradScaler
     step: TrainStep
     dist_info: DistInfo
     device: torch.device
@@ -49,12 +52,30 @@ class TrainState:
     val_set: Any
     start_iter: int
     iteration: int
+    max_iters: int
+    log_every: int
     history: list[dict[str, float]]
     hooks: list["HookBase"] = field(default_factory=list)
+    stream: Any = None
     output: StepOutput | None = None
+    log_now: bool = False
+    log_scalars: dict[str, float] = field(default_factory=dict)
+    tensorboard: Any = None  # rank 0's SummaryWriter, opened by the MetricsLogger
     images_seen: int = 0
     train_seconds: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
+
+    def advance(self, num_images: int) -> None:
+        """One iteration done on ``num_images`` images per process."""
+        self.iteration += 1
+        self.images_seen += num_images * self.dist_info.world_size
+        self.log_now = self.iteration % self.log_every == 0 or self.iteration == self.max_iters or self.output.stop
+
+    def add_scalars(self, scalars: dict[str, float], iteration: int) -> None:
+        """TensorBoard scalars under their own names (rank 0)."""
+        if self.tensorboard is not None:
+            for k, v in scalars.items():
+                self.tensorboard.add_scalar(k, v, iteration)
 
 
 class HookBase:
@@ -103,14 +124,13 @@ class Preemption(HookBase):
 
 class MetricsLogger(HookBase):
     """The logged scalars: the mean of every loss term and of every scalar the model put into the step's
-    ``EventStorage`` (the RPN statistics, ``rpn/...``; ``StepOutput.scalars``) over the last ``log_every`` steps (one
-    host sync per log), with ``lr`` and ``skipped_steps``, appended to ``state.history`` and written to
-    ``train.log``, TensorBoard (``tb/``, rank 0) and the progress bar."""
+    ``EventStorage`` (the RPN statistics, ``rpn/...``; ``StepOutput.scalars``) over the logging window (one host sync
+    per log), with ``lr``, ``skipped_steps`` and what other hooks put into ``state.log_scalars`` (the stability
+    diagnostics), appended to ``state.history`` and written to ``train.log``, TensorBoard (``tb/``, rank 0) and the
+    progress bar. It runs after the hooks that add to the window's entry."""
 
-    def __init__(self, *, log_every: int, max_iters: int) -> None:
-        self.log_every, self.max_iters = log_every, max_iters
+    def __init__(self) -> None:
         self.window: dict[str, list[torch.Tensor]] = {}  # the scalars of each step since the last log, on the device
-        self.writer = None
         self.progress = None
 
     def before_train(self, state: TrainState) -> None:
@@ -118,17 +138,12 @@ class MetricsLogger(HookBase):
             from torch.utils.tensorboard import SummaryWriter
 
             # the checkpoint's own step was logged before it was written: drop only the steps after it
-            self.writer = SummaryWriter(str(state.output_dir / "tb"), purge_step=state.start_iter + 1)
+            state.tensorboard = SummaryWriter(str(state.output_dir / "tb"), purge_step=state.start_iter + 1)
+        self.state = state
         self.progress = tqdm(
-            total=self.max_iters, initial=state.start_iter, desc="train", disable=not state.dist_info.is_main,
+            total=state.max_iters, initial=state.start_iter, desc="train", disable=not state.dist_info.is_main,
             dynamic_ncols=True,
         )  # fmt: skip
-
-    def add_scalars(self, scalars: dict[str, float], iteration: int) -> None:
-        """TensorBoard scalars under their own names (rank 0)."""
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, iteration)
 
     def after_step(self, state: TrainState) -> None:
         out = state.output
@@ -138,21 +153,26 @@ class MetricsLogger(HookBase):
                 self.window.setdefault(k, []).append(v.detach())
         self.progress.update(1)
         # SIGTERM: the partial window is logged too, so that the history in the checkpoint misses no step
-        iteration = state.iteration
-        log_now = iteration % self.log_every == 0 or iteration == self.max_iters or out.stop
-        if log_now and self.window:  # a window of skipped steps only has nothing to log
-            means = torch.stack([torch.stack(v).float().mean() for v in self.window.values()]).tolist()
-            scalars = all_reduce_mean(dict(zip(self.window, means)), state.dist_info)
-            self.window = {}
-            scalars["lr"] = state.optimizer.param_groups[0]["lr"]
-            scalars["skipped_steps"] = state.step.skipped_steps
-            state.history.append({"iteration": iteration, **scalars})
-            if state.dist_info.is_main:  # train.log keeps the curves too
-                log.info("iteration %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-            if self.writer is not None:
-                self.add_scalars({(k if "/" in k else f"train/{k}"): v for k, v in scalars.items()}, iteration)
-                terms = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}
-                self.progress.set_postfix(ordered_dict={**terms, "lr": f"{scalars['lr']:.2g}"})
+        if not state.log_now:
+            return
+        iteration, others = state.iteration, state.log_scalars
+        state.log_scalars = {}
+        if not self.window:  # a window of skipped steps only has nothing of its own to log
+            if others:
+                state.history.append({"iteration": iteration, **others})
+            return
+        means = torch.stack([torch.stack(v).float().mean() for v in self.window.values()]).tolist()
+        scalars = all_reduce_mean(dict(zip(self.window, means)), state.dist_info)
+        self.window = {}
+        scalars["lr"] = state.optimizer.param_groups[0]["lr"]
+        scalars["skipped_steps"] = state.step.skipped_steps
+        state.history.append({"iteration": iteration, **scalars, **others})
+        if state.dist_info.is_main:  # train.log keeps the curves too
+            log.info("iteration %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        if state.tensorboard is not None:
+            state.add_scalars({(k if "/" in k else f"train/{k}"): v for k, v in scalars.items()}, iteration)
+            terms = {k.removeprefix("loss_"): f"{v:.3f}" for k, v in scalars.items() if k.startswith("loss")}
+            self.progress.set_postfix(ordered_dict={**terms, "lr": f"{scalars['lr']:.2g}"})
 
     def after_train(self, state: TrainState) -> None:
         self.progress.close()
@@ -160,8 +180,10 @@ class MetricsLogger(HookBase):
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
-        if self.writer is not None:
-            self.writer.close()
+        state = getattr(self, "state", None)
+        if state is not None and state.tensorboard is not None:
+            state.tensorboard.close()
+            state.tensorboard = None
 
 
 class Checkpointer(HookBase):
@@ -173,13 +195,12 @@ class Checkpointer(HookBase):
     RNG state, the history, the resolved config, the classes and ``hooks`` (each hook's ``state_dict``).
     """
 
-    def __init__(self, *, checkpoint_every: int, scaler: torch.amp.GradScaler) -> None:
+    def __init__(self, *, checkpoint_every: int) -> None:
         self.checkpoint_every = checkpoint_every
-        self.scaler = scaler
 
     def after_step(self, state: TrainState) -> None:
         # the last iteration is saved here, before the final evaluation (``Evaluation.after_train``) can fail ...
-        last = state.iteration >= state.cfg.schedule.max_iters
+        last = state.iteration >= state.max_iters
         if state.iteration % self.checkpoint_every == 0 or state.output.stop or last:
             self.save(state)
 
@@ -202,7 +223,7 @@ class Checkpointer(HookBase):
                 state.output_dir / "last.pt",
                 {
                     "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                    "scheduler": state.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
                     "iteration": state.iteration, "skipped_steps": state.step.skipped_steps, "rng": rngs,
                     "history": state.history, "config": OmegaConf.to_container(state.cfg, resolve=True),
                     "meta": {"class_names": meta.class_names, "category_ids": meta.category_ids},
@@ -225,8 +246,8 @@ class Evaluation(HookBase):
 
     name = "evaluation"
 
-    def __init__(self, *, evaluate, eval_every: int, logger: MetricsLogger, ema=None) -> None:
-        self.evaluate, self.eval_every, self.logger, self.ema = evaluate, eval_every, logger, ema
+    def __init__(self, *, evaluate, eval_every: int, ema=None) -> None:
+        self.evaluate, self.eval_every, self.ema = evaluate, eval_every, ema
         self.curve: list[dict[str, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -236,7 +257,7 @@ class Evaluation(HookBase):
         self.curve = list(state.get("curve", []))
 
     def _record(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self.logger.add_scalars(metrics, state.iteration)
+        state.add_scalars(metrics, state.iteration)
         if metrics and state.dist_info.is_main:  # no evaluators (eval.evaluators=[]): no curve
             # a resumed run re-evaluates the iterations after its checkpoint: those entries are replaced
             self.curve = [e for e in self.curve if e["iteration"] < state.iteration]
@@ -252,12 +273,7 @@ class Evaluation(HookBase):
 
     def after_step(self, state: TrainState) -> None:
         iteration = state.iteration
-        if (
-            state.output.stop
-            or not self.eval_every
-            or iteration % self.eval_every
-            or iteration >= state.cfg.schedule.max_iters
-        ):
+        if state.output.stop or not self.eval_every or iteration % self.eval_every or iteration >= state.max_iters:
             return
         self._record(state, self._metrics(state))
 

@@ -1,11 +1,63 @@
-"""SGD with the linear lr-scaling rule, an iteration-based warm-up + step schedule, and gradient clipping."""
+"""SGD with the linear lr-scaling rule, an iteration-based warm-up + step schedule, and gradient clipping; the
+checks of their config nodes, ``optim`` and ``schedule``."""
+
+import logging
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch import Tensor, nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from ..checks import check, check_int, check_number
+
+log = logging.getLogger(__name__)
+
+
+def check_optim_config(optim: DictConfig) -> None:
+    """The ``optim`` node: SGD's lr, momentum, weight decay and the batch size the lr is given for."""
+    check(optim.name == "sgd", "optim.name", optim.name, "must be 'sgd'")
+    check_number("optim.lr", optim.lr, lambda v: v > 0, "> 0")
+    check_number("optim.momentum", optim.momentum, lambda v: 0 <= v < 1, "in [0, 1)")
+    check_number("optim.weight_decay", optim.weight_decay, lambda v: v >= 0, ">= 0")
+    check_int("optim.base_batch_size", optim.base_batch_size, 1)
+
+
+def check_schedule_config(s: DictConfig) -> None:
+    """The ``schedule`` node; a schedule whose ``max_iters`` cuts its warm-up or lr steps off is warned about."""
+    check_int("schedule.max_iters", s.max_iters, 1)
+    check_int("schedule.checkpoint_every", s.checkpoint_every, 1)
+    check_int("schedule.log_every", s.log_every, 1)
+    check_int("schedule.warmup_iters", s.warmup_iters, 0)
+    check_int("schedule.eval_every", s.eval_every, 0)
+    check_number("schedule.warmup_factor", s.warmup_factor, lambda v: 0 < v <= 1, "in (0, 1]")
+    check_number("schedule.lr_decay", s.lr_decay, lambda v: v > 0, "> 0")
+    steps_ok = isinstance(s.steps, ListConfig | list) and all(isinstance(v, int) for v in s.steps)
+    check(steps_ok and list(s.steps) == sorted(s.steps), "schedule.steps", s.steps,
+          "must be an increasing list of integers")  # fmt: skip
+    message = short_schedule(s)
+    if message:
+        log.warning("%s", message)
+
+
+def short_schedule(s: DictConfig) -> str | None:
+    """What a ``max_iters`` shorter than the warm-up or the lr steps cuts off, or None.
+
+    Not an error: training the first part of a long schedule, to resume it later with the whole ``max_iters``, is
+    legitimate; but a short run that forgot the other two ends mid-warm-up or at full lr without a word.
+    """
+    late_steps = [step for step in s.steps if step >= s.max_iters]
+    if s.warmup_iters <= s.max_iters and not late_steps:
+        return None
+    cut = [f"schedule.warmup_iters={s.warmup_iters}"] if s.warmup_iters > s.max_iters else []
+    cut += [f"the lr step(s) {late_steps} of schedule.steps"] if late_steps else []
+    return (
+        f"schedule.max_iters={s.max_iters} ends before {' and '.join(cut)}: this run stops "
+        + ("during the warm-up" if s.warmup_iters > s.max_iters else "before its lr decays")
+        + "; for a short whole run use schedule=smoke schedule.max_iters=N (its warm-up and steps follow N), or set "
+        "schedule.warmup_iters and schedule.steps with it"
+    )
 
 
 def scaled_lr(optim_cfg: DictConfig, global_batch: int) -> float:
@@ -22,8 +74,6 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig, cls_lr_mult: float,
     The difference still decays at the base rate (each logit shrinks by ``1 - lr * weight_decay`` per step),
     so the group keeps the product ``lr * weight_decay`` of the others.
     """
-    if optim_cfg.name != "sgd":
-        raise ValueError(f"optim.name must be 'sgd', got {optim_cfg.name!r}")
     lr, weight_decay = scaled_lr(optim_cfg, global_batch), optim_cfg.weight_decay
     cls_params = {id(p) for p in model.rpn.head.cls_logits.parameters()}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

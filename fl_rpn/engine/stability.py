@@ -29,15 +29,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import check, check_bool, check_int, check_number
 from .distributed import all_reduce_mean
-from .hooks import HookBase, MetricsLogger, TrainState
+from .hooks import HookBase, TrainState
 
 __all__ = [
     "coefficient_of_variation", "spike_ratios", "window_statistics", "loss_gradients", "cosine_and_norm_ratio",
-    "gradient_conflict", "shared_parameter_groups", "StabilityMonitor", "TERMS",
+    "gradient_conflict", "shared_parameter_groups", "StabilityMonitor", "TERMS", "check_stability_config",
 ]  # fmt: skip
 
 TERMS = {"box": "loss_rpn_box_reg", "obj": "loss_objectness"}  # logged name -> loss key of the step
+
+
+def check_stability_config(st) -> None:
+    """The ``stability`` node: on or off, the spike factor and median window, and the probe period (which needs it
+    on)."""
+    check_bool("stability.enabled", st.enabled)
+    check_number("stability.spike_k", st.spike_k, lambda v: v > 1, "> 1")
+    check_int("stability.median_window", st.median_window, 1)
+    check_int("stability.probe_every", st.probe_every, 0)
+    check(st.enabled or not st.probe_every, "stability.probe_every", st.probe_every, "needs stability.enabled=true")
 
 
 def coefficient_of_variation(values: Sequence[float]) -> float:
@@ -117,23 +128,19 @@ def shared_parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 class StabilityMonitor(HookBase):
     """Logs the window statistics (``stability/box_cv``, ``stability/box_spikes``, ``stability/box_max_spike`` and
-    the same for ``obj``) at the ``MetricsLogger``'s iterations, into its history entry and TensorBoard, and, with
-    ``probe_every`` > 0, the mean of the window's probes (``conflict/cosine``, ``conflict/norm_ratio`` for all shared
-    layers, ``conflict/backbone_...`` and ``conflict/head_...``).
+    the same for ``obj``) in each logging window's history entry (``state.log_scalars``, which the
+    ``MetricsLogger`` after it writes) and TensorBoard, and, with ``probe_every`` > 0, the mean of the window's
+    probes (``conflict/cosine``, ``conflict/norm_ratio`` for all shared layers, ``conflict/backbone_...`` and
+    ``conflict/head_...``).
 
-    Put it after the ``MetricsLogger`` in the hook list, with its ``log_every`` and ``max_iters``. The probe runs in
-    ``TrainStep``'s ``before_backward`` seam, on the iterations ``i`` with ``(i + 1) % probe_every == 0`` (those
-    whose finished-iteration count is a multiple of ``probe_every``). Its state (the past window of the running
-    medians) is kept in the checkpoint.
+    The probe runs before the step's backward pass (``TrainStep.before_backward``), on the iterations ``i`` with
+    ``(i + 1) % probe_every == 0`` (those whose finished-iteration count is a multiple of ``probe_every``). Its state
+    (the past window of the running medians) is kept in the checkpoint.
     """
 
     name = "stability"
 
-    def __init__(
-        self, *, logger: MetricsLogger, log_every: int, max_iters: int, k: float = 3.0, median_window: int = 50,
-        probe_every: int = 0,
-    ) -> None:  # fmt: skip
-        self.logger, self.log_every, self.max_iters = logger, log_every, max_iters
+    def __init__(self, *, k: float = 3.0, median_window: int = 50, probe_every: int = 0) -> None:
         self.k, self.median_window, self.probe_every = k, median_window, probe_every
         self.window: dict[str, list[Tensor]] = {t: [] for t in TERMS}  # this window's losses, on the device
         self.past: dict[str, deque] = {t: deque(maxlen=median_window) for t in TERMS}  # host floats, oldest first
@@ -144,11 +151,11 @@ class StabilityMonitor(HookBase):
     def before_train(self, state: TrainState) -> None:
         if self.probe_every > 0:
             self.groups = shared_parameter_groups(state.model)
-            self.scaler = state.step.scaler
-            state.step.before_backward = self.probe
+            self.scaler = state.scaler
+            state.step.before_backward.append(self.probe)
 
     def probe(self, losses: dict[str, Tensor], iteration: int) -> None:
-        """``TrainStep.before_backward``: the gradient conflict of this step's losses on a probe iteration."""
+        """Before the step's backward pass: the gradient conflict of this step's losses on a probe iteration."""
         if (iteration + 1) % self.probe_every:
             return
         # under fp16 the losses are scaled as the step's backward scales them (cosine and ratio do not change)
@@ -163,8 +170,7 @@ class StabilityMonitor(HookBase):
         if not out.skipped:
             for t, key in TERMS.items():
                 self.window[t].append(out.losses[key].detach())
-        iteration = state.iteration
-        if not (iteration % self.log_every == 0 or iteration == self.max_iters or out.stop):
+        if not state.log_now:
             return
         scalars = {}
         if self.window["box"]:
@@ -182,13 +188,8 @@ class StabilityMonitor(HookBase):
             means = torch.stack([torch.stack(v).mean() for v in self.probes.values()]).tolist()
             scalars.update(all_reduce_mean(dict(zip(self.probes, means)), state.dist_info))
             self.probes = {}
-        if not scalars:
-            return
-        if state.history and state.history[-1]["iteration"] == iteration:  # the MetricsLogger's entry
-            state.history[-1].update(scalars)
-        else:
-            state.history.append({"iteration": iteration, **scalars})
-        self.logger.add_scalars(scalars, iteration)
+        state.log_scalars.update(scalars)
+        state.add_scalars(scalars, state.iteration)
 
     def state_dict(self) -> dict[str, Any]:
         return {"past": {t: list(v) for t, v in self.past.items()}}

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # nonfinite=skip stops after this many skipped steps in a row: the weights are finite but diverged (huge), and
 # every batch gives a non-finite loss, so skipping more would only burn the rest of the schedule
 MAX_CONSECUTIVE_SKIPS = 10
+NONFINITE = ("stop", "skip")  # config key nonfinite: what a non-finite loss does
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}  # config key amp -> autocast dtype
 
 
 @dataclass
@@ -64,8 +66,9 @@ class TrainStep:
         stop_requested: called after the forward pass; True when this rank is asked to stop (SIGTERM). The ranks
             agree on it in the same all_reduce as on the finiteness of the loss.
         dist_info: this process's rank and world size.
-        before_backward: called as ``before_backward(losses, iteration)`` with the loss terms (their graph still
-            alive) when the loss is finite, before the backward pass (e.g. a gradient probe); None: nothing.
+        before_backward: functions called as ``fn(losses, iteration)`` with the loss terms (their graph still
+            alive) when the loss is finite, before the backward pass (e.g. a gradient probe); a hook appends its own
+            to ``step.before_backward``.
     """
 
     def __init__(
@@ -82,9 +85,9 @@ class TrainStep:
         checkpoint_path: Path | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
         dist_info: DistInfo = SINGLE_PROCESS,
-        before_backward: Callable[[dict[str, Tensor], int], None] | None = None,
+        before_backward: list[Callable[[dict[str, Tensor], int], None]] | None = None,
     ) -> None:
-        if nonfinite not in ("stop", "skip"):
+        if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.model = model
         self.forward_model = forward_model if forward_model is not None else model
@@ -97,7 +100,7 @@ class TrainStep:
         self.checkpoint_path = checkpoint_path
         self.stop_requested = stop_requested
         self.dist_info = dist_info
-        self.before_backward = before_backward
+        self.before_backward = list(before_backward or [])
         self.skipped_steps = 0  # in the whole run (the trainer restores it on resume)
         self.consecutive_skips = 0
 
@@ -116,8 +119,8 @@ class TrainStep:
             self._skip_or_raise(loss, losses, iteration)
         else:
             self.consecutive_skips = 0
-            if self.before_backward is not None:
-                self.before_backward(losses, iteration)
+            for observe in self.before_backward:
+                observe(losses, iteration)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.clip_grad_norm is not None:

@@ -21,6 +21,7 @@ from fl_rpn.evaluation.recall import ProposalRecall
 from fl_rpn.evaluation.registry import (
     EVALUATORS,
     build_evaluators,
+    check_eval_config,
     check_evaluators,
     evaluator_options,
     headline_metrics,
@@ -56,6 +57,7 @@ __all__ = [
     "ProposalRecall",
     "VOC07Evaluator",
     "build_evaluators",
+    "check_eval_config",
     "check_evaluators",
     "evaluator_options",
     "headline_metrics",

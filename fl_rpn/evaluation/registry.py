@@ -16,8 +16,9 @@ from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fl_rpn.checks import check, check_int
 from fl_rpn.evaluation.base import Evaluator, MetricSpec, OptionError
 from fl_rpn.evaluation.coco import CocoEvaluator
 from fl_rpn.evaluation.recall import ProposalRecall
@@ -93,6 +94,16 @@ def check_evaluators(names: Sequence[str], options: Mapping[str, Mapping[str, An
         _check_keys(name, opts)
     for name in names:
         _build(name, _NO_CLASSES, options.get(name, {}))
+
+
+def check_eval_config(eval_cfg: Mapping) -> None:
+    """The ``eval`` node: a list of known evaluators, each one's options, and the batch size. The evaluators run
+    after training: a typo here must fail now, not hours later."""
+    names = eval_cfg["evaluators"]
+    check(isinstance(names, ListConfig | list), "eval.evaluators", names,
+          "must be a list of evaluator names, e.g. [coco,proposal_recall]")  # fmt: skip
+    check_evaluators(list(names), evaluator_options(eval_cfg))
+    check_int("eval.batch_size", eval_cfg["batch_size"], 1)
 
 
 def build_evaluators(

@@ -76,7 +76,7 @@ class _SampledAnchorStatistics:
         self.sampler = rpn.fg_bg_sampler
         self.objectness: list[Tensor] | None = None
         self.last: tuple[list[Tensor], list[Tensor]] | None = None  # the latest pick (per image [R_n] masks)
-        rpn.head.register_forward_hook(self._keep_objectness)
+        self.hook = rpn.head.register_forward_hook(self._keep_objectness)
 
     def __getattr__(self, name):
         if name == "sampler":  # not set yet (copy / unpickle): no recursion
@@ -127,3 +127,11 @@ def attach_anchor_diagnostics(rpn: RegionProposalNetwork) -> None:
     if rpn.fg_bg_sampler is None or isinstance(rpn.fg_bg_sampler, _SampledAnchorStatistics):
         return
     rpn.fg_bg_sampler = _SampledAnchorStatistics(rpn)
+
+
+def detach_anchor_diagnostics(rpn: RegionProposalNetwork) -> None:
+    """Undo ``attach_anchor_diagnostics``: the RPN's own sampler back, the head's hook removed (no-op otherwise)."""
+    observer = rpn.fg_bg_sampler
+    if isinstance(observer, _SampledAnchorStatistics):
+        observer.hook.remove()
+        rpn.fg_bg_sampler = observer.sampler

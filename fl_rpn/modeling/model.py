@@ -2,17 +2,19 @@
 
 Config groups read here (see ``conf/model`` and ``conf/rpn``):
     ``model.name``: ``r50_fpn`` (torchvision's fasterrcnn_resnet50_fpn layout), ``mbv3_fpn``
-    (fasterrcnn_mobilenet_v3_large_fpn) or ``tiny_fpn`` (a small GroupNorm CNN for CPU runs and tests).
+    (fasterrcnn_mobilenet_v3_large_fpn), ``mbv2_fpn`` (torchvision's ``mobilenet_backbone("mobilenet_v2", fpn=True)``
+    in a ``FasterRCNN``; torchvision has no builder for it) or ``tiny_fpn`` (a small GroupNorm CNN for CPU runs and
+    tests).
     ``model.backbone_weights``: null | a torchvision weights name | a local file path.
     ``channels_last`` / ``compile`` (root keys): applied by ``apply_speed_options`` where the trainer builds the model.
     ``model.detector``: keyword arguments of ``FasterRCNN`` (min_size, box_* ...), passed verbatim.
-    ``rpn.*``: the shared keys (``conf/_base/rpn.yaml``) are FasterRCNN's ``rpn_*`` arguments
-    (``fl_rpn.modeling.rpn_registry.RPN_DETECTOR_KEYS``); ``rpn.loss`` names the variant's builder in
-    ``fl_rpn.modeling.rpn_registry``, which reads and checks the other keys and replaces ``model.rpn``: ``sampled``
+    ``rpn.*``: ``fl_rpn.modeling.rpn_registry.build_rpn`` builds the head (``rpn.head``) and the RPN around it from
+    the keys every rpn option shares (``conf/_base/rpn.yaml``: IoU thresholds, top-n, NMS) and the variant's own;
+    ``rpn.loss`` names the variant's builder: ``sampled``
     (``batch_size_per_image`` / ``positive_fraction`` / ``box_normalizer``: torchvision's ``RegionProposalNetwork``
     untouched for ``sampled``, ``BoxPositivesRPN`` for ``positives``) or ``focal`` (``FocalLossRPN`` with
     ``form`` / ``loss_weight`` / ``alpha`` / ``gamma`` / ``prior_prob`` / ``box_normalizer``, and for the
-    ``sampled`` box normaliser the optional ``batch_size_per_image``, default 256).
+    ``sampled`` box normaliser the optional ``box_sample_size``, default 256).
 """
 
 from collections import OrderedDict
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchvision.models import get_weight, mobilenet_v3_large, resnet50
+from torchvision.models import get_weight, mobilenet_v2, mobilenet_v3_large, resnet50
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import (
@@ -34,10 +36,15 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..checks import check_choice
 from ..errors import WeightsUnavailableError
-from .rpn_registry import RPN_DETECTOR_KEYS, build_rpn, check_rpn_config
+from ..pretrained import FETCH_COMMANDS, check_cached_file, hub_checkpoints_dir
+from .rpn_registry import build_rpn
 
-__all__ = ["build_model", "build_backbone", "apply_speed_options", "TinyBackbone", "RPN_DETECTOR_KEYS", "COMPILE_MODES"]
+__all__ = [
+    "build_model", "build_backbone", "anchor_generator", "check_model_config", "fetch_backbone_weights",
+    "apply_speed_options", "TinyBackbone", "COMPILE_MODES",
+]  # fmt: skip
 
 
 class TinyBackbone(nn.Sequential):
@@ -60,24 +67,46 @@ class TinyBackbone(nn.Sequential):
         super().__init__(layers)
 
 
+def _few(keys: list[str], what: str) -> str:
+    return f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
+
+
 def _load_local_weights(module: nn.Module, path: Path, what: str) -> None:
+    """Load a state dict file into ``module``; a file of another architecture names the keys that do not match
+    (missing and unexpected, a few of each with their counts) or differ in shape. The classifier may be absent."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.") and not k.startswith("classifier.")]
-    if missing:
-        raise ValueError(f"model.backbone_weights={path}: not a {what} state dict; missing keys {missing[:5]} ...")
+    if not isinstance(state, dict):
+        raise ValueError(f"model.backbone_weights={path}: not a state dict but a {type(state).__name__}")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(("fc.", "classifier."))]
+    unexpected = [k for k in state if k not in own and not k.endswith(".num_batches_tracked")]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or reshaped:
+        found = [_few(missing, "keys missing"), _few(unexpected, "unexpected"), _few(reshaped, "of another shape")]
+        raise ValueError(f"model.backbone_weights={path}: not a {what} state dict: {', '.join(filter(None, found))}")
+    module.load_state_dict(state, strict=False)
 
 
-_WEIGHT_ENUMS = {"resnet50": "ResNet50_Weights", "mobilenet_v3_large": "MobileNet_V3_Large_Weights"}
-_BACKBONES = {"r50_fpn": "resnet50", "mbv3_fpn": "mobilenet_v3_large", "tiny_fpn": None}
+_WEIGHT_ENUMS = {
+    "resnet50": "ResNet50_Weights", "mobilenet_v3_large": "MobileNet_V3_Large_Weights",
+    "mobilenet_v2": "MobileNet_V2_Weights",
+}  # fmt: skip
+_BACKBONES = {"r50_fpn": "resnet50", "mbv3_fpn": "mobilenet_v3_large", "mbv2_fpn": "mobilenet_v2", "tiny_fpn": None}
+
+
+def cached_weights_file(enum) -> Path:
+    """Where torchvision reads (and downloads) a weights enum's file: ``<hub dir>/checkpoints/<its URL's name>``."""
+    return hub_checkpoints_dir() / enum.url.rsplit("/", 1)[-1]
 
 
 def backbone_weights_source(model_cfg: DictConfig, need_file: bool = True):
     """What ``model.backbone_weights`` names: ``None``, a local file ``Path`` or a torchvision weights enum.
 
-    Reads and downloads nothing, so the config check (``fl_rpn.config_check``) calls it before any data is read.
-    ``need_file=False`` accepts a missing file (resuming: the checkpoint holds the weights).
+    Downloads nothing, so the config check (``fl_rpn.engine.validate``) calls it before any data is read; it reads
+    only a weights name's file already in torch's hub cache, to refuse it if its sha256 does not start with the hash
+    in its name (torch.hub checks that only when it downloads). ``need_file=False`` accepts a missing file and
+    reads nothing (resuming: the checkpoint holds the weights).
     """
     weights, what = model_cfg.backbone_weights, _BACKBONES.get(model_cfg.name)
     if weights is None:
@@ -98,11 +127,14 @@ def backbone_weights_source(model_cfg: DictConfig, need_file: bool = True):
             f"model.backbone_weights={weights!r} is neither a file nor a torchvision weights name of {what} "
             f"(e.g. {_WEIGHT_ENUMS[what]}.IMAGENET1K_V1 or IMAGENET1K_V1)"
         ) from (error if enum is None else None)
+    cached = cached_weights_file(enum)
+    if need_file and cached.is_file():
+        check_cached_file(cached)
     return enum
 
 
 def _pretrained_backbone(constructor, model_cfg: DictConfig, what: str, load: bool) -> tuple[nn.Module, bool]:
-    """Build ``constructor`` (resnet50 / mobilenet_v3_large) from a torchvision weights name or a local file.
+    """Build ``constructor`` (resnet50 / mobilenet_v3_large / mobilenet_v2) from a weights name or a local file.
 
     Returns the module and whether it is a pretrained layout (then BatchNorm is frozen, as in torchvision).
     With ``load=False`` the pretrained layout is built but nothing is read or downloaded: a checkpoint is
@@ -121,12 +153,29 @@ def _pretrained_backbone(constructor, model_cfg: DictConfig, what: str, load: bo
     try:
         return constructor(weights=enum, norm_layer=misc_ops.FrozenBatchNorm2d), True
     except (OSError, RuntimeError) as e:  # URLError is an OSError
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
-        filename = enum.url.rsplit("/", 1)[-1]
-        raise WeightsUnavailableError(
-            f"could not download backbone weights {enum} from {enum.url} ({e}). Offline: put that file at "
-            f"{hub / filename}, or set model.backbone_weights=/path/to/{filename}"
-        ) from e
+        raise _weights_unavailable(enum, e) from e
+
+
+def _weights_unavailable(enum, error: Exception) -> WeightsUnavailableError:
+    cached = cached_weights_file(enum)
+    command = FETCH_COMMANDS.get(cached.name)
+    fetch = f"run {command} (it puts the file there) or put" if command else "put"
+    return WeightsUnavailableError(
+        f"could not download backbone weights {enum} from {enum.url} ({error}). Offline: {fetch} that file at "
+        f"{cached}, or set model.backbone_weights=/path/to/{cached.name}"
+    )
+
+
+def fetch_backbone_weights(model_cfg: DictConfig) -> None:
+    """Make sure a torchvision weights name of ``model.backbone_weights`` is in torch's hub cache, downloading it if
+    not, so that weights that cannot be had fail before any data is read (the trainer calls this first)."""
+    source = backbone_weights_source(model_cfg)
+    if source is None or isinstance(source, Path) or cached_weights_file(source).is_file():
+        return
+    try:
+        source.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:
+        raise _weights_unavailable(source, e) from e
 
 
 def _trainable_layers(requested: int | None, trained: bool, all_layers: int) -> int:
@@ -146,8 +195,10 @@ def build_backbone(model_cfg: DictConfig, load_weights: bool = True) -> nn.Modul
     if name == "r50_fpn":
         body, trained = _pretrained_backbone(resnet50, model_cfg, "resnet50", load_weights)
         return _resnet_fpn_extractor(body, _trainable_layers(trainable, trained, all_layers=5))
-    if name == "mbv3_fpn":
-        body, trained = _pretrained_backbone(mobilenet_v3_large, model_cfg, "mobilenet_v3_large", load_weights)
+    if name in ("mbv3_fpn", "mbv2_fpn"):  # torchvision's mobilenet_backbone(..., fpn=True): 2 levels + max pool
+        what = _BACKBONES[name]
+        constructor = mobilenet_v3_large if name == "mbv3_fpn" else mobilenet_v2
+        body, trained = _pretrained_backbone(constructor, model_cfg, what, load_weights)
         return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6))
     if name == "tiny_fpn":
         backbone_weights_source(model_cfg)  # null, or the error
@@ -160,11 +211,26 @@ def build_backbone(model_cfg: DictConfig, load_weights: bool = True) -> nn.Modul
             out_channels=model_cfg.fpn_channels,
             extra_blocks=LastLevelMaxPool(),
         )
-    raise ValueError(f"model.name must be one of r50_fpn, mbv3_fpn, tiny_fpn; got {name!r}")
+    raise ValueError(f"model.name must be one of {', '.join(_BACKBONES)}; got {name!r}")
+
+
+def anchor_generator(model_cfg: DictConfig) -> AnchorGenerator:
+    """``model.anchor_sizes`` (one tuple per feature level) x ``model.aspect_ratios``; null sizes: torchvision's
+    FasterRCNN default, one size per level from 32 to 512 with ratios 0.5, 1, 2."""
+    sizes = model_cfg.get("anchor_sizes")
+    sizes = ((32,), (64,), (128,), (256,), (512,)) if sizes is None else tuple(tuple(s) for s in sizes)
+    ratios = tuple(model_cfg.get("aspect_ratios") or (0.5, 1.0, 2.0))
+    return AnchorGenerator(sizes, (ratios,) * len(sizes))
 
 
 def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: bool = True) -> FasterRCNN:
-    """A torchvision ``FasterRCNN`` for the composed root config ``cfg`` (``conf/train.yaml``).
+    """A torchvision ``FasterRCNN`` for the composed root config ``cfg`` (``conf/train.yaml``), checked by
+    ``check_model_config`` and ``check_rpn_config`` (``fl_rpn.engine.validate.validate_config`` runs both).
+
+    Built in one direction: the backbone, the anchor generator, then the RPN (its head first, then the ``rpn.loss``
+    variant around it: ``build_rpn``), and ``FasterRCNN`` around those parts. ``FasterRCNN`` takes the head and the
+    anchor generator but builds torchvision's RPN itself, so that RPN is replaced by the variant's, made of the same
+    parts: one head per model.
 
     Args:
         num_classes: object classes of the dataset (the predictor gets ``num_classes + 1`` with background).
@@ -172,23 +238,29 @@ def build_model(cfg: DictConfig, num_classes: int, *, load_backbone_weights: boo
             the layout ``model.backbone_weights`` implies (frozen BatchNorm, trainable layers) is kept, but
             nothing is downloaded or read.
     """
-    model_cfg, rpn_cfg = cfg.model, cfg.rpn
-    check_rpn_config(rpn_cfg)  # before anything is built
-    detector_kwargs = OmegaConf.to_container(model_cfg.detector, resolve=True)
-    detector_kwargs.update({f"rpn_{k}": rpn_cfg[k] for k in RPN_DETECTOR_KEYS})
-    if model_cfg.get("anchor_sizes") is not None:
-        sizes = tuple(tuple(s) for s in model_cfg.anchor_sizes)
-        detector_kwargs["rpn_anchor_generator"] = AnchorGenerator(sizes, (tuple(model_cfg.aspect_ratios),) * len(sizes))
+    model_cfg = cfg.model
     backbone = build_backbone(model_cfg, load_backbone_weights)
+    anchors = anchor_generator(model_cfg)
+    rpn = build_rpn(cfg.rpn, anchors, backbone.out_channels)
+    detector_kwargs = OmegaConf.to_container(model_cfg.detector, resolve=True)
     if model_cfg.get("box_head_dim") is not None:  # FasterRCNN hard-codes 1024 for its own head
         resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size
         detector_kwargs["box_head"] = TwoMLPHead(backbone.out_channels * resolution**2, model_cfg.box_head_dim)
         detector_kwargs["box_predictor"] = FastRCNNPredictor(model_cfg.box_head_dim, num_classes + 1)
-        model = FasterRCNN(backbone, **detector_kwargs)
     else:
-        model = FasterRCNN(backbone, num_classes=num_classes + 1, **detector_kwargs)
-    build_rpn(model, rpn_cfg)  # the rpn.loss variant replaces the RPN FasterRCNN built from the shared keys
+        detector_kwargs["num_classes"] = num_classes + 1
+    model = FasterRCNN(backbone, rpn_anchor_generator=anchors, rpn_head=rpn.head, **detector_kwargs)
+    model.rpn = rpn
     return model
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """``model.name`` and ``model.backbone_weights`` (null, a torchvision weights name, or an existing file; a weights
+    name's cached file must have its hash). A resumed run (``resume``) may name a file that is gone: the checkpoint
+    holds the weights."""
+    check_choice("model.name", cfg.model.name, list(_BACKBONES))
+    resuming = cfg.get("resume") not in (False, None, "false")
+    backbone_weights_source(cfg.model, need_file=not resuming)
 
 
 COMPILE_MODES = (None, "default", "max-autotune")  # config key compile -> torch.compile(mode=...)

@@ -9,8 +9,8 @@ The box term's normaliser is ``box_normalizer`` (config ``rpn.box_normalizer``),
 the number of anchors torchvision's sampled RPN draws (its default). ``BoxPositivesRPN`` is torchvision's sampled
 RPN with the ``positives`` box normaliser, so that either loss can be paired with either box weight.
 
-The keyword defaults of ``FocalLossRPN`` and ``use_focal_rpn`` (form, loss_weight, alpha, gamma, prior_prob,
-box_normalizer) are read from ``conf/_base/focal.yaml``, the one place they are written (``FOCAL_DEFAULTS``).
+The paper's settings are the keyword defaults of ``FocalLossRPN`` (``FOCAL_DEFAULTS``, read from its signature);
+``conf/_base/focal.yaml`` gives the config the same values (tests/test_rpn_registry.py holds the two together).
 
 Shapes: ``N`` images, ``A`` anchors per location, ``Hi x Wi`` the feature map of level ``i``,
 ``R`` = sum over images and levels of ``A * Hi * Wi`` (all anchors of the batch), ``C`` objectness
@@ -21,8 +21,8 @@ over every anchor with label >= 0), ``forward`` (counts anchors from the box-reg
 proposals with the object probability when C = 2) and the objectness-bias initialisation.
 """
 
+import inspect
 import logging
-import math
 
 import torch
 import torch.distributed as dist
@@ -32,22 +32,20 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 
-from ..config import base_values
 from ..events import current_storage
 from .diagnostics import anchor_statistics
 from .losses import sigmoid_focal_loss
+from .rpn_heads import FORMS, TwoLogitRPNHead, init_objectness_prior, replace_rpn_head
 
 __all__ = [
-    "FocalLossRPN", "BoxPositivesRPN", "TwoLogitRPNHead", "use_focal_rpn", "use_sampled_rpn", "init_objectness_prior",
+    "FocalLossRPN", "BoxPositivesRPN", "TwoLogitRPNHead", "use_focal_rpn", "init_objectness_prior", "rpn_settings",
     "FORMS", "BOX_NORMALIZERS", "FOCAL_DEFAULTS",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
 BOX_NORMALIZERS = ("positives", "sampled")  # 1 / (2 N_pos) | 1 / (batch_size_per_image * N)
 TORCHVISION_SAMPLE_SIZE = 256  # torchvision's rpn_batch_size_per_image: the focal "sampled" box normaliser's default
-FOCAL_DEFAULTS = base_values("focal")  # conf/_base/focal.yaml
 
 
 def global_count_normalizer(count: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,37 +63,6 @@ def global_count_normalizer(count: Tensor) -> tuple[Tensor, Tensor]:
         return count, count / dist.get_world_size()
     count = count.clamp(min=1.0)
     return count, count
-
-
-class TwoLogitRPNHead(RPNHead):
-    """torchvision's ``RPNHead`` with two objectness logits per anchor.
-
-    ``cls_logits`` outputs ``[N, 2A, Hi, Wi]`` in anchor-major order (a0:bg, a0:obj, a1:bg, ...), the
-    layout ``permute_and_flatten`` expects with ``C = 2``; ``bbox_pred`` outputs ``[N, 4A, Hi, Wi]``.
-    """
-
-    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
-        super().__init__(in_channels, num_anchors, conv_depth)
-        self.cls_logits = nn.Conv2d(in_channels, 2 * num_anchors, kernel_size=1, stride=1)
-        nn.init.normal_(self.cls_logits.weight, std=0.01)
-        nn.init.zeros_(self.cls_logits.bias)
-
-
-def init_objectness_prior(cls_logits: nn.Conv2d, form: str, prior_prob: float) -> None:
-    """RetinaNet's prior init: every anchor starts with object probability ``prior_prob``.
-
-    Sigmoid: bias ``-log((1 - pi) / pi)``. Softmax: background bias 0, object bias ``log(pi / (1 - pi))``,
-    so the softmax object probability ``sigmoid(b_obj - b_bg)`` is ``pi``.
-    """
-    if not 0.0 < prior_prob < 1.0:
-        raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
-    object_bias = math.log(prior_prob / (1.0 - prior_prob))
-    with torch.no_grad():
-        if form == "sigmoid":
-            cls_logits.bias.fill_(object_bias)
-        else:
-            cls_logits.bias.zero_()
-            cls_logits.bias[1::2] = object_bias
 
 
 class FocalLossRPN(RegionProposalNetwork):
@@ -116,7 +83,8 @@ class FocalLossRPN(RegionProposalNetwork):
             and the ``positives`` box loss are divided by an exponential moving average of max(1, N_pos) instead
             (``focal_normalizer``); the average is in the state dict (``npos_ema_sum``, ``npos_ema_steps``).
 
-    The keyword defaults are ``FOCAL_DEFAULTS`` (``conf/_base/focal.yaml``).
+    The keyword defaults are the paper's (lambda 0.1, alpha 0.25, gamma 2, pi 0.01, the softmax form, 1 / (2 N_pos));
+    ``FOCAL_DEFAULTS`` holds them by name.
     """
 
     def __init__(
@@ -132,13 +100,13 @@ class FocalLossRPN(RegionProposalNetwork):
         batch_size_per_image: int | None = None,
         positive_fraction: float | None = None,
         *,
-        form: str = FOCAL_DEFAULTS["form"],
-        loss_weight: float = FOCAL_DEFAULTS["loss_weight"],
-        alpha: float = FOCAL_DEFAULTS["alpha"],
-        gamma: float = FOCAL_DEFAULTS["gamma"],
-        prior_prob: float | None = FOCAL_DEFAULTS["prior_prob"],
-        box_normalizer: str = FOCAL_DEFAULTS["box_normalizer"],
-        npos_ema: float | None = FOCAL_DEFAULTS["npos_ema"],
+        form: str = "softmax",
+        loss_weight: float = 0.1,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        prior_prob: float | None = 0.01,
+        box_normalizer: str = "positives",
+        npos_ema: float | None = None,
     ) -> None:
         super().__init__(
             anchor_generator, head, fg_iou_thresh, bg_iou_thresh, 256, 0.5,
@@ -334,32 +302,6 @@ class BoxPositivesRPN(RegionProposalNetwork):
         return objectness_loss, box_loss
 
 
-def use_sampled_rpn(
-    model: GeneralizedRCNN, *, batch_size_per_image: int, positive_fraction: float, box_normalizer: str
-) -> GeneralizedRCNN:
-    """Replace ``model.rpn`` in place by a sampled RPN with this sampler and the same other parts (anchor
-    generator, head, matcher thresholds, top-n, NMS and score threshold): torchvision's own
-    ``RegionProposalNetwork`` for ``box_normalizer="sampled"``, a ``BoxPositivesRPN`` for ``"positives"``."""
-    if box_normalizer not in BOX_NORMALIZERS:
-        raise ValueError(f"rpn box_normalizer must be one of {BOX_NORMALIZERS}, got {box_normalizer!r}")
-    old = model.rpn
-    cls = BoxPositivesRPN if box_normalizer == "positives" else RegionProposalNetwork
-    model.rpn = cls(
-        old.anchor_generator,
-        old.head,
-        fg_iou_thresh=old.proposal_matcher.high_threshold,
-        bg_iou_thresh=old.proposal_matcher.low_threshold,
-        batch_size_per_image=batch_size_per_image,
-        positive_fraction=positive_fraction,
-        pre_nms_top_n=dict(old._pre_nms_top_n),
-        post_nms_top_n=dict(old._post_nms_top_n),
-        nms_thresh=old.nms_thresh,
-        score_thresh=old.score_thresh,
-    )
-    model.rpn.train(old.training)
-    return model
-
-
 def object_logit(objectness: Tensor) -> Tensor:
     """``[R]`` logit whose sigmoid is the object probability, from ``[R, 1]`` or ``[R, 2]`` objectness."""
     if objectness.shape[-1] == 2:
@@ -367,77 +309,75 @@ def object_logit(objectness: Tensor) -> Tensor:
     return objectness.reshape(-1)
 
 
+FOCAL_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(FocalLossRPN).parameters.items() if p.kind is p.KEYWORD_ONLY
+}  # form, loss_weight, alpha, gamma, prior_prob, box_normalizer, npos_ema: the paper's, as FocalLossRPN has them
+
+
+def rpn_settings(rpn: RegionProposalNetwork) -> dict:
+    """The keyword arguments that make another RPN over the same anchors as ``rpn`` (any torchvision
+    ``RegionProposalNetwork``): anchor generator, IoU thresholds, top-n per mode, NMS and score thresholds, read
+    through their public accessors (the top-n of each mode from ``pre_nms_top_n()`` / ``post_nms_top_n()``)."""
+    top_n = {"pre_nms_top_n": {}, "post_nms_top_n": {}}
+    training = rpn.training
+    try:
+        for mode in ("training", "testing"):
+            rpn.train(mode == "training")
+            for name, values in top_n.items():
+                values[mode] = getattr(rpn, name)()
+    finally:
+        rpn.train(training)
+    return {
+        "anchor_generator": rpn.anchor_generator, "fg_iou_thresh": rpn.proposal_matcher.high_threshold,
+        "bg_iou_thresh": rpn.proposal_matcher.low_threshold, **top_n, "nms_thresh": rpn.nms_thresh,
+        "score_thresh": rpn.score_thresh,
+    }  # fmt: skip
+
+
 def use_focal_rpn(
     model: GeneralizedRCNN,
     *,
-    form: str = FOCAL_DEFAULTS["form"],
-    loss_weight: float = FOCAL_DEFAULTS["loss_weight"],
-    alpha: float = FOCAL_DEFAULTS["alpha"],
-    gamma: float = FOCAL_DEFAULTS["gamma"],
-    prior_prob: float | None = FOCAL_DEFAULTS["prior_prob"],
     score_thresh: float = 0.0,
-    box_normalizer: str = FOCAL_DEFAULTS["box_normalizer"],
     batch_size_per_image: int | None = None,
-    npos_ema: float | None = FOCAL_DEFAULTS["npos_ema"],
     head: str = "shared",
     head_options: dict | None = None,
+    **focal,
 ) -> GeneralizedRCNN:
     """Replace ``model.rpn`` of any torchvision ``GeneralizedRCNN`` (Faster / Mask / Keypoint R-CNN) in place.
 
-    Keeps the anchor generator, IoU thresholds, top-n and NMS settings, and the head's shared conv and
-    box-regression weights. The objectness layer is always re-initialised: a trained A-channel layer does
-    not fit a 2A-channel head, and both forms should start from the same prior.
+    Keeps the anchor generator, IoU thresholds, top-n and NMS settings (``rpn_settings``), and the head's shared conv
+    and box-regression weights. The objectness layer is always re-initialised: a trained A-channel layer does not fit
+    a 2A-channel head, and both forms should start from the same prior. ``focal``: ``FocalLossRPN``'s keywords
+    (``form``, ``loss_weight``, ``alpha``, ``gamma``, ``prior_prob``, ``box_normalizer``, ``npos_ema``), the paper's
+    values (``FOCAL_DEFAULTS``) where left out; ``batch_size_per_image``: see ``FocalLossRPN``.
 
     ``score_thresh`` (the minimum object probability of a proposal) is not taken from the replaced RPN: its
     threshold was chosen for the scores of a BCE-trained, sampled RPN (torchvision's MobileNet detectors use
     0.05), while a focal-loss RPN starts with every anchor at ``prior_prob`` (0.01): kept, 0.05 would leave no
     proposal at all, in eval and in training, until the objectness had been trained past it. The new RPN uses
     ``score_thresh`` (default 0, no threshold, as torchvision's ResNet detectors); a different replaced value
-    is logged. ``box_normalizer``, ``batch_size_per_image`` and ``npos_ema``: see ``FocalLossRPN``. ``head``
-    (``shared``, ``decoupled``, ``shared_matched``) with ``head_options``:
+    is logged. ``head`` (``shared``, ``decoupled``, ``shared_matched``) with ``head_options``:
     ``fl_rpn.modeling.rpn_heads.replace_rpn_head``; the default ``shared`` without options keeps the head as
-    described above. The other keyword defaults are the focal options' (``FOCAL_DEFAULTS``, from
-    ``conf/_base/focal.yaml``).
+    described above.
     """
-    head_kind = head  # ``head`` names the new head below
+    focal = {**FOCAL_DEFAULTS, **focal}
     old = model.rpn
-    if form not in FORMS:
-        raise ValueError(f"rpn form must be one of {sorted(FORMS)}, got {form!r}")
-    in_channels = old.head.cls_logits.in_channels
-    num_anchors = old.head.bbox_pred.out_channels // 4
-    head_cls = TwoLogitRPNHead if form == "softmax" else RPNHead
-    head = head_cls(in_channels, num_anchors, conv_depth=len(old.head.conv))
-    head.conv.load_state_dict(old.head.conv.state_dict())
-    head.bbox_pred.load_state_dict(old.head.bbox_pred.state_dict())
-    head.to(old.head.bbox_pred.weight.device)
-    matcher = old.proposal_matcher
+    settings = rpn_settings(old)
     if old.score_thresh != score_thresh:
         log.info(
             "use_focal_rpn: rpn score_thresh %g of the replaced RPN is not kept (it was set for BCE-trained scores; "
             "the focal RPN starts every anchor at probability %s): now %g; pass score_thresh= to choose",
-            old.score_thresh, prior_prob, score_thresh,
+            old.score_thresh, focal["prior_prob"], score_thresh,
         )  # fmt: skip
-    model.rpn = FocalLossRPN(
-        old.anchor_generator,
-        head,
-        fg_iou_thresh=matcher.high_threshold,
-        bg_iou_thresh=matcher.low_threshold,
-        pre_nms_top_n=dict(old._pre_nms_top_n),
-        post_nms_top_n=dict(old._post_nms_top_n),
-        nms_thresh=old.nms_thresh,
-        score_thresh=score_thresh,
-        form=form,
-        loss_weight=loss_weight,
-        alpha=alpha,
-        gamma=gamma,
-        prior_prob=prior_prob,
-        box_normalizer=box_normalizer,
-        batch_size_per_image=batch_size_per_image,
-        npos_ema=npos_ema,
-    )
-    if head_kind != "shared" or head_options:
-        from .rpn_heads import replace_rpn_head  # rpn_heads imports this module
-
-        replace_rpn_head(model, head_kind, form, prior_prob, **(head_options or {}))
+    in_channels, num_anchors = old.head.cls_logits.in_channels, old.head.bbox_pred.out_channels // 4
+    head_class = TwoLogitRPNHead if focal["form"] == "softmax" else RPNHead
+    new_head = head_class(in_channels, num_anchors, conv_depth=len(old.head.conv))  # torchvision's v2 head has 2
+    new_head.conv.load_state_dict(old.head.conv.state_dict())
+    new_head.bbox_pred.load_state_dict(old.head.bbox_pred.state_dict())
+    new_head.to(old.head.bbox_pred.weight.device)
+    settings.update(head=new_head, score_thresh=score_thresh, batch_size_per_image=batch_size_per_image)
+    model.rpn = FocalLossRPN(**settings, **focal)
+    if head != "shared" or head_options:
+        replace_rpn_head(model, head, focal["form"], focal["prior_prob"], **(head_options or {}))
     model.rpn.train(old.training)
     return model

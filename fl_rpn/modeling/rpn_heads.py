@@ -17,23 +17,59 @@ the decoupled head's parameter count, the control that tells "decoupled is bette
 """
 
 import logging
+import math
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import Conv2dNormActivation
 
-from .rpn import FORMS, FocalLossRPN, init_objectness_prior
-
 __all__ = [
-    "SharedRPNHead", "DecoupledRPNHead", "HEADS", "NORMS", "GROUPS", "head_parameters", "match_parameters",
-    "build_rpn_head", "replace_rpn_head", "count_parameters",
+    "SharedRPNHead", "DecoupledRPNHead", "TwoLogitRPNHead", "FORMS", "HEADS", "NORMS", "GROUPS", "HEAD_OPTIONS",
+    "head_parameters", "match_parameters", "build_rpn_head", "replace_rpn_head", "count_parameters",
+    "init_objectness_prior",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
+FORMS = {"sigmoid": 1, "softmax": 2}  # form -> objectness logits per anchor
 HEADS = ("shared", "decoupled", "shared_matched")  # rpn head kinds; shared_matched: the decoupled head's control
 NORMS = (None, "group")
 GROUPS = 32  # GroupNorm groups, RetinaNet's; the tower width must be a multiple of it
+# the options of ``build_rpn_head`` besides its kind (config node ``rpn.head``), with torchvision RPNHead's values
+HEAD_OPTIONS = {"num_convs": 1, "width": None, "norm": None, "vary": "width"}
+
+
+class TwoLogitRPNHead(RPNHead):
+    """torchvision's ``RPNHead`` with two objectness logits per anchor.
+
+    ``cls_logits`` outputs ``[N, 2A, Hi, Wi]`` in anchor-major order (a0:bg, a0:obj, a1:bg, ...), the
+    layout ``permute_and_flatten`` expects with ``C = 2``; ``bbox_pred`` outputs ``[N, 4A, Hi, Wi]``.
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
+        super().__init__(in_channels, num_anchors, conv_depth)
+        self.cls_logits = nn.Conv2d(in_channels, 2 * num_anchors, kernel_size=1, stride=1)
+        nn.init.normal_(self.cls_logits.weight, std=0.01)
+        nn.init.zeros_(self.cls_logits.bias)
+
+
+def init_objectness_prior(cls_logits: nn.Conv2d, form: str, prior_prob: float) -> None:
+    """RetinaNet's prior init: every anchor starts with object probability ``prior_prob``.
+
+    Sigmoid: bias ``-log((1 - pi) / pi)``. Softmax: background bias 0, object bias ``log(pi / (1 - pi))``,
+    so the softmax object probability ``sigmoid(b_obj - b_bg)`` is ``pi``.
+    """
+    if not 0.0 < prior_prob < 1.0:
+        raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+    object_bias = math.log(prior_prob / (1.0 - prior_prob))
+    with torch.no_grad():
+        if form == "sigmoid":
+            cls_logits.bias.fill_(object_bias)
+        else:
+            cls_logits.bias.zero_()
+            cls_logits.bias[1::2] = object_bias
 
 
 def _check(num_convs: int, width: int, norm: str | None, form: str) -> None:
@@ -187,14 +223,21 @@ def build_rpn_head(kind: str, in_channels: int, num_anchors: int, form: str, **o
     """A new head of ``kind`` (``HEADS``) for ``C = in_channels`` features, with torchvision's init (no prior).
 
     ``opts``: ``num_convs``, ``width``, ``norm`` of the head; for ``shared_matched`` those of the decoupled head to
-    match, and ``vary`` (see ``match_parameters``).
+    match, and ``vary`` (see ``match_parameters``); ``vary`` is ignored by the other kinds. The shared head with
+    torchvision's options is torchvision's own class: ``RPNHead`` for the sigmoid form, ``TwoLogitRPNHead`` for the
+    softmax form.
     """
+    vary = opts.pop("vary", HEAD_OPTIONS["vary"])
+    torchvisions = all(opts.get(k, HEAD_OPTIONS[k]) == HEAD_OPTIONS[k] for k in ("num_convs", "width", "norm"))
+    if kind == "shared" and torchvisions:
+        _check(1, in_channels, None, form)
+        return TwoLogitRPNHead(in_channels, num_anchors) if form == "softmax" else RPNHead(in_channels, num_anchors)
     if kind == "shared":
         return SharedRPNHead(in_channels, num_anchors, form=form, **opts)
     if kind == "decoupled":
         return DecoupledRPNHead(in_channels, num_anchors, form=form, **opts)
     if kind == "shared_matched":
-        matched = match_parameters(in_channels, num_anchors, form, **opts)
+        matched = match_parameters(in_channels, num_anchors, form, vary=vary, **opts)
         decoupled = {k: opts[k] for k in ("num_convs", "width", "norm") if k in opts}
         log.info(
             "rpn head shared_matched: %s, %d parameters, for a decoupled head (%s) of %d", matched,
@@ -217,7 +260,7 @@ def replace_rpn_head(
     ``prior_prob=None`` to keep torchvision's init.
     """
     rpn, old = model.rpn, model.rpn.head
-    expected = rpn.form if isinstance(rpn, FocalLossRPN) else "sigmoid"
+    expected = getattr(rpn, "form", "sigmoid")  # a FocalLossRPN's form; torchvision's sampled RPN has one logit
     if form != expected:
         raise ValueError(f"rpn head form {form!r} does not fit this {type(rpn).__name__}, which needs {expected!r}")
     num_anchors = old.bbox_pred.out_channels // 4

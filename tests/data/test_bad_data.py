@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from fl_rpn.data import (
     require_valid,
 )
 from fl_rpn.engine.trainer import train
+
+from ..conftest import TINY_DATA, run_app
 
 
 def coco_node(images, annotations, **kw):
@@ -387,3 +390,27 @@ def test_check_data_command_exits_1_and_names_every_problem(coco_files, tmp_path
     assert "boxes_clipped=1, degenerate_boxes_dropped=1, empty_images=1, empty_images_dropped=1" in out
     assert "b.png: not a readable image" in out
     assert "dataset.val" in out and "broken.json: annotations[4] (id 5) has bbox [1, 1, 4]" in out
+
+
+def test_check_data_prints_the_boxes_and_images_of_each_class(tmp_path):
+    """Per split, the classes most boxes first (ties in class order) with the images holding each, as counted from
+    the synthetic annotation files themselves, then the ratio of the most to the least frequent class's boxes."""
+    cache = tmp_path / "cache"
+    out = run_app(*TINY_DATA, f"hydra.run.dir={tmp_path / 'out'}", cache=cache, module="fl_rpn.cli.check_data").stdout
+    train_text, val_text = out.split("dataset.val:")
+    for split, text in (("train", train_text), ("val", val_text)):
+        (annotations,) = cache.glob(f"synthetic-*/{split}/annotations.json")
+        coco = json.loads(annotations.read_text())
+        boxes = Counter(a["category_id"] for a in coco["annotations"])
+        images = Counter(c for _, c in {(a["image_id"], a["category_id"]) for a in coco["annotations"]})
+        order = sorted(coco["categories"], key=lambda c: (-boxes[c["id"]], c["id"]))
+        expected = [[c["name"], str(boxes[c["id"]]), str(images[c["id"]])] for c in order]
+        lines = text.splitlines()
+        start = lines.index("  boxes per class (ignored boxes left out), most first:")
+        assert lines[start + 1].split() == ["class", "boxes", "images"]
+        assert [line.split() for line in lines[start + 2 : start + 2 + len(expected)]] == expected
+        (most, top), (least, bottom) = (expected[0][:2], expected[-1][:2])
+        ratio = f"{int(top) / int(bottom):.1f}" if int(bottom) else f"inf ({least} has none)"
+        assert lines[start + 2 + len(expected)] == (
+            f"  most / least frequent class: {most} / {least} = {top} / {bottom} boxes = {ratio}"
+        )

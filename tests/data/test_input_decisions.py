@@ -278,3 +278,36 @@ def test_synthetic_cache_honours_the_umask_and_logs_its_path(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         ensure_synthetic(tmp_path / "cache", "val", 2, 0, image_size=[32, 32])
     assert f"synthetic val split: {split} (cached)" in caplog.text
+
+
+# --- a split without boxes ---------------------------------------------------------------------------------------
+
+
+def test_a_training_split_without_a_box_is_refused_and_an_empty_val_split_is_warned_about(coco_files, caplog):
+    """COCO with keep_empty=true and no annotations (or only crowd ones): nothing to learn; refused before training.
+    The same json as the val split (its crowd boxes are kept, and ignored by the metrics) is only a warning: AP and AR
+    are undefined without objects to find."""
+    from fl_rpn.config import compose_config
+    from fl_rpn.engine.build import build_datasets
+
+    images, annotations = coco_files
+    rewrite(annotations, lambda d: d.update(annotations=[a for a in d["annotations"] if a["iscrowd"]]))
+    from omegaconf import open_dict
+
+    cfg = compose_config(["check_val_images=false"])
+    with open_dict(cfg):
+        for split in ("train", "val"):
+            cfg.dataset[split] = {"format": "coco", "images": str(images), "annotations": str(annotations),
+                                  "keep_empty": True}  # fmt: skip
+    with pytest.raises(ValueError, match=r"^dataset\.train: none of its 3 images has a box to train on .* nothing can "
+                       r"be learnt"):  # fmt: skip
+        build_datasets(cfg)
+    with caplog.at_level(logging.WARNING):
+        from types import SimpleNamespace
+
+        from fl_rpn.engine.build import require_boxes
+
+        train_set = SimpleNamespace(records=[SimpleNamespace(ignore=np.array([False]))])  # one box to learn
+        val_set = DetectionDataset(*read_coco(images, annotations, train=False, keep_empty=True)[:2], train=False)
+        require_boxes(train_set, val_set)
+    assert "dataset.val: none of its 3 images has a box: AP and AR are undefined (NaN)" in caplog.text

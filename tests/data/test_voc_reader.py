@@ -138,6 +138,22 @@ def test_val_class_unknown_to_the_training_split_names_file_and_class(tmp_path, 
         read_voc(tmp_path, None, "train", classes=["RBC", "WBC", "RBC", "Platelets"])
 
 
+def test_class_names_differing_only_in_case_or_spacing_are_refused_naming_the_files(tmp_path, image_writer):
+    """Collected classes (classes=null): RBC in one file, rbc and 'R BC ' elsewhere would be three classes."""
+    splits = {"train": {"a": (40, 30, [("RBC", 1, 1, 10, 10)]), "b": (40, 30, [("rbc", 1, 1, 10, 10)]),
+                        "c": (40, 30, [("WBC", 1, 1, 10, 10), ("wbc", 2, 2, 9, 9)])}}  # fmt: skip
+    write_voc_folder(tmp_path, splits, image_writer)
+    with pytest.raises(ValueError) as raised:
+        read_voc(tmp_path, None, "train", classes=None)
+    message = str(raised.value)
+    assert "class names that differ only in case or spacing would become separate classes" in message
+    assert "  'RBC' in 1 file(s): a.xml\n  'rbc' in 1 file(s): b.xml\n  'WBC' in 1 file(s): c.xml" in message
+    assert "'wbc' in 1 file(s): c.xml" in message and "Give every object of a class one spelling" in message
+    # a given class list: the object's near miss is named
+    with pytest.raises(ValueError, match=r"b\.xml has an object of unknown class 'rbc'.*'RBC' differs only in case"):
+        read_voc(tmp_path, None, "train", classes=["RBC", "WBC"])
+
+
 @pytest.mark.parametrize("filename", [True, False])
 def test_png_images_found_from_filename_or_suffix(tmp_path, image_writer, filename):
     write_voc_folder(tmp_path, CELLS, image_writer, suffix=".png", filename=filename)

@@ -1,10 +1,9 @@
-"""What the engine tests share: 2-rank DDP runs, and seams into what ``trainer.train`` builds.
+"""What the engine tests share: 2-rank DDP runs, and runs changed through their state.
 
 - ``DDP_TINY`` (``FAST`` on the CPU with 1 image per process: a global batch of 2, 4 iterations, a checkpoint every
   2) and ``launch_ddp``: 2 ranks of ``ddp_worker.py`` on gloo, with a ``free_port`` rendezvous.
-- ``on_model_build`` / ``on_optimizer_build``: call a function on every model / optimizer the trainer builds (to
-  hook it) before it trains; ``poison_rpn_losses`` and ``inf_weight_after_step`` are the two made-up failures built
-  on them.
+- ``train_with(cfg, *prepare)``: a real run whose state each ``prepare(state)`` changes first (hooks on its model or
+  optimizer, another stream); ``nan_rpn_losses`` and ``inf_weight_after_step`` make the two made-up failures.
 """
 
 from __future__ import annotations
@@ -14,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from fl_rpn.engine import trainer
+from fl_rpn.engine.build import build_run
+from fl_rpn.engine.trainer import run
 
 from ..conftest import FAST, app_env, free_port
 
@@ -70,78 +69,44 @@ def launch_ddp(tmp_path: Path, name: str, cache: Path, overrides: list[str], ran
     return codes, outputs, records
 
 
-# -- seams into trainer.train ------------------------------------------------------------------------------------
-@pytest.fixture
-def on_model_build(monkeypatch):
-    """``on_model_build(fn)``: ``trainer.train`` calls ``fn(model)`` on every model it builds. Called again, it
-    replaces the earlier ``fn``."""
-    real = trainer.build_model
-
-    def patch(fn):
-        def build(*args, **kwargs):
-            model = real(*args, **kwargs)
-            fn(model)
-            return model
-
-        monkeypatch.setattr(trainer, "build_model", build)
-
-    return patch
+# -- changing a run through its state -----------------------------------------------------------------------------
+def train_with(cfg, *prepare):
+    """``run(build_run(cfg))`` after ``fn(state)`` for each of ``prepare``: how a test hooks into a real run (a forward
+    hook on ``state.model``, an optimizer hook, another ``state.stream``) without patching the engine."""
+    state = build_run(cfg)
+    for fn in prepare:
+        fn(state)
+    return run(state)
 
 
-@pytest.fixture
-def on_optimizer_build(monkeypatch):
-    """``on_optimizer_build(fn)``: ``trainer.train`` calls ``fn(optimizer, model)`` on every optimizer it builds.
-    Called again, it replaces the earlier ``fn``."""
-    real = trainer.build_optimizer
-
-    def patch(fn):
-        def build(model, *args, **kwargs):
-            optimizer = real(model, *args, **kwargs)
-            fn(optimizer, model)
-            return optimizer
-
-        monkeypatch.setattr(trainer, "build_optimizer", build)
-
-    return patch
-
-
-@pytest.fixture
-def poison_rpn_losses(on_model_build):
-    """``poison_rpn_losses(at_calls)``: the RPN's losses become NaN at the given (0-based) forward passes, counting
+def nan_rpn_losses(at_calls):
+    """A ``prepare`` for ``train_with``: the RPN's losses become NaN at the given (0-based) forward passes, counting
     every pass of the model's RPN, the poisoned ones only in training."""
+    calls = {"n": 0}
 
-    def poison(at_calls):
-        calls = {"n": 0}
+    def hook(module, args, output):
+        boxes, losses = output
+        n, calls["n"] = calls["n"], calls["n"] + 1
+        if module.training and n in at_calls:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return boxes, losses
 
-        def hook(module, args, output):
-            boxes, losses = output
-            n, calls["n"] = calls["n"], calls["n"] + 1
-            if module.training and n in at_calls:
-                losses = {k: v * float("nan") for k, v in losses.items()}
-            return boxes, losses
-
-        on_model_build(lambda model: model.rpn.register_forward_hook(hook))
-
-    return poison
+    return lambda state: state.model.rpn.register_forward_hook(hook)
 
 
-@pytest.fixture
-def inf_weight_after_step(on_optimizer_build):
-    """``inf_weight_after_step(n)``: right after the n-th optimizer step one weight of the RPN head becomes +inf (a
-    finite loss whose step blows the weights up)."""
+def inf_weight_after_step(n):
+    """A ``prepare`` for ``train_with``: right after the n-th optimizer step one weight of the RPN head becomes +inf
+    (a finite loss whose step blows the weights up)."""
 
-    def poison(n):
-        def attach(optimizer, model):
-            steps = []
+    def attach(state):
+        steps = []
 
-            def after_step(opt, args, kwargs):
-                steps.append(1)
-                if len(steps) == n:
-                    with torch.no_grad():
-                        model.rpn.head.conv[0][0].weight[0, 0, 0, 0] = float("inf")
+        def after_step(opt, args, kwargs):
+            steps.append(1)
+            if len(steps) == n:
+                with torch.no_grad():
+                    state.model.rpn.head.conv[0][0].weight[0, 0, 0, 0] = float("inf")
 
-            optimizer.register_step_post_hook(after_step)
+        state.optimizer.register_step_post_hook(after_step)
 
-        on_optimizer_build(attach)
-
-    return poison
+    return attach

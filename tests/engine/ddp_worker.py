@@ -102,6 +102,17 @@ def loss_only_rpn(form: str, npos_ema: float | None = None):
     return FocalLossRPN(anchors, head, 0.7, 0.3, {"training": 10}, {"training": 10}, 0.7, form=form, npos_ema=npos_ema)
 
 
+def boxpos_rpn():
+    """``BoxPositivesRPN`` whose sample (64 anchors per image, half positive) takes every positive of the cases."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.rpn import RPNHead
+
+    from fl_rpn.modeling.rpn import BoxPositivesRPN
+
+    anchors = AnchorGenerator(((16,),), ((0.5, 1.0, 2.0),))
+    return BoxPositivesRPN(anchors, RPNHead(4, 3), 0.7, 0.3, 64, 0.5, {"training": 10}, {"training": 10}, 0.7)
+
+
 def normalizer_worker(spec: dict) -> None:
     """Each rank computes the focal RPN loss on its image of every case, with N_pos all-reduced."""
     import torch.distributed as dist
@@ -117,6 +128,10 @@ def normalizer_worker(spec: dict) -> None:
             with EventStorage() as events:
                 out[form, case] = torch.stack(rpn.compute_loss(objectness, deltas, [labels], [targets.double()]))
             out[form, case, "stats"] = {k.removeprefix("rpn/"): float(v) for k, v in events.drain().items()}
+    boxpos = boxpos_rpn()  # the sampled RPN with the box loss / 2 N_pos: its N_pos is global too
+    for case, counts in NORMALIZER_CASES.items():
+        objectness, deltas, labels, targets = normalizer_inputs(counts[rank], rank, "sigmoid")
+        out["boxpos", case] = boxpos.compute_loss(objectness, deltas, [labels], [targets.double()])[1]
     dist.destroy_process_group()
     torch.save(out, f"{spec['record']}.{rank}.pt")
 

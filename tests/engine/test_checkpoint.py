@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from fl_rpn import build_model
+from fl_rpn.config import compose_config
 from fl_rpn.engine.checkpoint import check_resume_config, model_from_checkpoint, save_checkpoint
 
 from ..conftest import FAST
@@ -110,3 +111,16 @@ def test_a_checkpoint_written_before_rpn_head_existed_resumes_with_the_default_h
     check_resume_config(saved, compose_cfg("rpn=focal_softmax"), "last.pt")
     with pytest.raises(ValueError, match=r"rpn.head.kind: checkpoint 'shared', now 'decoupled'"):
         check_resume_config(saved, compose_cfg("rpn=focal_softmax", "rpn.head.kind=decoupled"), "last.pt")
+
+
+def test_a_focal_checkpoint_with_the_old_name_of_the_box_sample_size_resumes():
+    """``rpn.box_sample_size`` was the focal RPN's ``rpn.batch_size_per_image`` (it samples nothing); a checkpoint
+    written under the old name is read with the new one, and a sampled RPN keeps its sampler key."""
+    cfg = compose_config(["rpn=focal_softmax_boxsampled"])
+    saved = {"config": OmegaConf.to_container(cfg)}
+    saved["config"]["rpn"]["batch_size_per_image"] = saved["config"]["rpn"].pop("box_sample_size")
+    check_resume_config(saved, cfg, "last.pt")
+    with pytest.raises(ValueError, match=r"rpn.box_sample_size: checkpoint 256, now 128"):
+        check_resume_config(saved, compose_config(["rpn=focal_softmax_boxsampled", "rpn.box_sample_size=128"]), "x")
+    sampled = compose_config(["rpn=sampled"])
+    check_resume_config({"config": OmegaConf.to_container(sampled)}, sampled, "last.pt")

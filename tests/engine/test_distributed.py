@@ -29,8 +29,8 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from fl_rpn.engine.distributed import DistInfo, any_rank, first_host, launched_by
 from fl_rpn.engine.stream import TrainStream
 
-from .conftest import DDP_TINY, launch_ddp
-from .ddp_worker import NORMALIZER_CASES, StepRecorder, first_k_sample, loss_only_rpn, normalizer_inputs
+from .conftest import DDP_TINY, launch_ddp, train_with
+from .ddp_worker import NORMALIZER_CASES, StepRecorder, boxpos_rpn, first_k_sample, loss_only_rpn, normalizer_inputs
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,18 @@ def test_rank_zero_alone_writes_into_its_run_directory(ddp_run):
     assert history[-1]["lr"] == pytest.approx(0.02 * 2 / 16)  # the linear scaling rule, global batch 2 of 16
 
 
+def test_rank_zero_alone_logs_the_data_summary(ddp_run):
+    """The data check's per-split counts are logged once, by rank 0 (rank 1 logs to stdout without timestamps)."""
+    rank0, rank1 = ddp_run["outputs"]
+    for line in ("dataset.train: 6 images", "dataset.val: 3 images", "train: 6 images, val: 3 images"):
+        assert rank0.count(line) == 1 and line not in rank1, line
+
+
 def test_distributed_evaluation_counts_each_image_once(ddp_run, module_cache, compose_cfg, monkeypatch):
     """3 val images on 2 ranks: the DistributedSampler pads rank 1 with a repeat, which the evaluators drop."""
     from fl_rpn.data import build_dataset
     from fl_rpn.engine.checkpoint import model_from_checkpoint
-    from fl_rpn.engine.trainer import run_evaluation
+    from fl_rpn.engine.evaluate import run_evaluation
 
     monkeypatch.setenv("FL_RPN_CACHE", str(module_cache))
     cfg = compose_cfg(*ddp_run["overrides"], f"output_dir={ddp_run['tmp'] / 'eval'}")
@@ -85,7 +92,7 @@ def test_distributed_evaluation_counts_each_image_once(ddp_run, module_cache, co
 class GlobalBatchStream:
     """Stands in for ``TrainStream`` in one process: iteration i yields rank 0's and rank 1's batches i, joined."""
 
-    def __init__(self, dataset, batch_size, num_workers, seed, group_aspect_ratio, dist_info=None, pin_memory=False):
+    def __init__(self, dataset, batch_size, seed, group_aspect_ratio):
         half = batch_size // 2
         self.ranks = [TrainStream(dataset, half, 0, seed, group_aspect_ratio, DistInfo(r, 2)) for r in (0, 1)]
 
@@ -98,8 +105,6 @@ class GlobalBatchStream:
 def test_first_step_equals_one_process_on_the_global_batch(
     rpn, ddp_run, module_cache, compose_cfg, monkeypatch, tmp_path
 ):
-    from fl_rpn.engine import trainer
-
     if rpn == "focal_softmax":  # the shared run's default
         ddp, ddp_dir = ddp_run["records"][0], ddp_run["run_dir"]
     else:
@@ -110,13 +115,15 @@ def test_first_step_equals_one_process_on_the_global_batch(
         ][0]
     monkeypatch.setenv("FL_RPN_CACHE", str(module_cache))
     monkeypatch.setattr(BalancedPositiveNegativeSampler, "__call__", first_k_sample)
-    monkeypatch.setattr(trainer, "TrainStream", GlobalBatchStream)
     recorder = StepRecorder()
     single_dir = tmp_path / "single"
+    cfg = compose_cfg(*DDP_TINY, f"rpn={rpn}", "batch_size=2", "schedule.max_iters=1", f"output_dir={single_dir}")
+
+    def global_batches(state):
+        state.stream = GlobalBatchStream(state.train_set, cfg.batch_size, cfg.seed, cfg.group_aspect_ratio)
+
     try:
-        trainer.train(
-            compose_cfg(*DDP_TINY, f"rpn={rpn}", "batch_size=2", "schedule.max_iters=1", f"output_dir={single_dir}")
-        )
+        train_with(cfg, global_batches)
     finally:
         recorder.handle.remove()
 
@@ -271,6 +278,19 @@ def test_the_ddp_loss_equals_one_process_whatever_the_number_of_positives(normal
     assert records[0]["softmax_npos_ema", "none", "stats"]["npos_ema"] == pytest.approx(
         (0.81 * 0.1 * 5 + 0.09 * 1 + 0.1 * 1) / (1 - 0.9**3), rel=1e-6
     )
+
+
+def test_the_sampled_rpn_with_the_positives_box_normaliser_counts_over_all_ranks(normalizer_records):
+    """``BoxPositivesRPN`` (rpn=sampled_boxpos) divides each rank's box sum by 2 max(1, N_pos) over the world size,
+    N_pos of the global batch, so the mean over ranks is the one-process box loss of the global batch."""
+    rpn = boxpos_rpn()
+    for case, counts in NORMALIZER_CASES.items():
+        parts = [normalizer_inputs(num_pos, rank, "sigmoid") for rank, num_pos in enumerate(counts)]
+        objectness, deltas = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        _, single = rpn.compute_loss(objectness, deltas, [p[2] for p in parts], [p[3].double() for p in parts])
+        ddp_mean = (normalizer_records[0]["boxpos", case] + normalizer_records[1]["boxpos", case]) / 2
+        torch.testing.assert_close(ddp_mean, single, rtol=1e-12, atol=0, msg=case)
+    assert normalizer_records[0]["boxpos", "both_ranks"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.errors import WeightsUnavailableError, error_message, report_errors
 
 from ..conftest import FAST, TINY_DATA, run_app, start_app, write_tiny_data
-from .conftest import DDP_TINY, launch_ddp
+from .conftest import DDP_TINY, inf_weight_after_step, launch_ddp, nan_rpn_losses, train_with
 
 TIMEOUT = 120  # seconds; a run of these takes 15-30 s on a busy 2-core machine, a hang never ends
 CLI = [*FAST, "schedule.max_iters=6"]  # 3 batches per epoch: every train image is loaded within 3 iterations
@@ -126,7 +126,7 @@ def test_bad_images_skip_drops_and_counts_unreadable_images(tmp_path, cache, cap
     spoil(train_images[4], "other_size")
     spoil(val_images[0], "zero_bytes")
     cfg = compose_config([*FAST, "schedule.max_iters=6", "bad_images=skip", f"output_dir={tmp_path}"])
-    with caplog.at_level("WARNING", logger="fl_rpn.engine.trainer"):
+    with caplog.at_level("WARNING", logger="fl_rpn.engine"):
         metrics = train(cfg)  # every train image is loaded: none of the bad ones is
     assert metrics["train/iterations"] == 6
     assert metrics["train/bad_images_skipped"] == 2 and metrics["eval/bad_images_skipped"] == 1
@@ -193,9 +193,8 @@ def test_refusing_to_write_nonfinite_weights_under_nonfinite_skip_exits_with_its
     assert load_checkpoint(run_dir / "last.pt")["iteration"] == 1
 
 
-def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, cache, inf_weight_after_step):
+def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, cache):
     """The weights turn infinite between checkpoints: every later loss is NaN, skipping them cannot recover."""
-    inf_weight_after_step(2)
     cfg = compose_config([*FAST, "schedule.max_iters=6", "schedule.checkpoint_every=100", "nonfinite=skip",
                           f"output_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(
@@ -203,15 +202,14 @@ def test_nonfinite_skip_stops_once_the_weights_are_not_finite(tmp_path, cache, i
         match=r"at iteration 2: .*, and 1 model tensor\(s\) are not finite "
         r"\(e\.g\. rpn\.head\.conv\.0\.0\.weight\): training diverged and nonfinite=skip cannot",
     ):
-        train(cfg)  # fmt: skip
+        train_with(cfg, inf_weight_after_step(2))  # fmt: skip
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_nonfinite_skip_stops_after_ten_skipped_steps_in_a_row(tmp_path, cache, poison_rpn_losses):
-    poison_rpn_losses(at_calls=set(range(1, 100)))
+def test_nonfinite_skip_stops_after_ten_skipped_steps_in_a_row(tmp_path, cache):
     cfg = compose_config([*FAST, "schedule.max_iters=20", "nonfinite=skip", f"output_dir={tmp_path}"])
     with pytest.raises(NonFiniteLossError, match=r"at iteration 10: .*10 steps in a row were skipped"):
-        train(cfg)
+        train_with(cfg, nan_rpn_losses(set(range(1, 100))))
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 10  # the skipped steps were still saved
 
 
@@ -280,7 +278,7 @@ def test_ctrl_c_during_training_exits_130(tmp_path, cache):
     assert time.monotonic() - t0 < 30
 
 
-def test_sigterm_logs_the_partial_window(tmp_path, cache, on_model_build):
+def test_sigterm_logs_the_partial_window(tmp_path, cache):
     """log_every=100 and a SIGTERM after 3 iterations: the 3 steps are in the history of the checkpoint."""
 
     def sigterm_at_the_third_step(model):
@@ -294,10 +292,12 @@ def test_sigterm_logs_the_partial_window(tmp_path, cache, on_model_build):
 
         model.rpn.register_forward_hook(hook)
 
-    on_model_build(sigterm_at_the_third_step)
     cfg = compose_config([*FAST, "schedule.max_iters=50", "schedule.log_every=100", "schedule.checkpoint_every=100",
                           f"output_dir={tmp_path}"])  # fmt: skip
-    assert train(cfg) == {"preempted": True, "train/iterations": 3}
+    assert train_with(cfg, lambda state: sigterm_at_the_third_step(state.model)) == {
+        "preempted": True,
+        "train/iterations": 3,
+    }
     history = load_checkpoint(tmp_path / "last.pt")["history"]
     assert [h["iteration"] for h in history] == [3] and history[0]["loss"] > 0
     assert json.loads((tmp_path / "history.json").read_text()) == history

@@ -16,15 +16,17 @@ import pytest
 import torch
 
 from fl_rpn.config import compose_config
-from fl_rpn.config_check import validate_config
 from fl_rpn.data import build_dataset
-from fl_rpn.engine import trainer
+from fl_rpn.engine import build
 from fl_rpn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from fl_rpn.engine.stream import TrainStream
 from fl_rpn.engine.trainer import NonFiniteLossError, train
+from fl_rpn.engine.validate import validate_config
+from fl_rpn.errors import error_message
 from fl_rpn.modeling.model import build_model
 
 from ..conftest import FAST, free_port, start_app
+from .conftest import inf_weight_after_step, nan_rpn_losses, train_with
 
 
 def wait_for(path, proc, timeout=300):
@@ -100,64 +102,59 @@ def test_unknown_nested_key_is_rejected():
 # --- non-finite losses and weights -----------------------------------------------------------------------
 
 
-def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoint(tmp_path, cache, poison_rpn_losses):
-    poison_rpn_losses(at_calls={2})
+def test_nonfinite_loss_stops_naming_iteration_and_terms_and_keeps_the_checkpoint(tmp_path, cache):
     cfg = compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path}"])
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration 2: .*loss_objectness=nan") as info:
-        train(cfg)
+        train_with(cfg, nan_rpn_losses({2}))
     assert "loss_rpn_box_reg=nan" in str(info.value) and str(tmp_path / "last.pt") in str(info.value)
     ckpt = load_checkpoint(tmp_path / "last.pt")  # iterations 0 and 1 finished and were saved
     assert ckpt["iteration"] == 2 and finite_state(ckpt)
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, cache, poison_rpn_losses):
-    poison_rpn_losses(at_calls={0})
+def test_nonfinite_loss_before_any_checkpoint_says_so(tmp_path, cache):
     cfg = compose_config([*FAST, "schedule.max_iters=4", f"output_dir={tmp_path}"])
     with pytest.raises(NonFiniteLossError, match=r"at iteration 0: .*; no checkpoint was written yet$"):
-        train(cfg)
+        train_with(cfg, nan_rpn_losses({0}))
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache, poison_rpn_losses):
-    poison_rpn_losses(at_calls={1})
+def test_nonfinite_skip_mode_counts_skipped_steps(tmp_path, cache):
     cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
-    metrics = train(cfg)
+    metrics = train_with(cfg, nan_rpn_losses({1}))
     assert metrics["train/skipped_steps"] == 1 and metrics["train/iterations"] == 3
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["iteration"] == 3 and finite_state(ckpt)
 
 
-def test_a_skipped_last_step_is_still_checkpointed(tmp_path, cache, poison_rpn_losses):
-    poison_rpn_losses(at_calls={2})
+def test_a_skipped_last_step_is_still_checkpointed(tmp_path, cache):
     cfg = compose_config([*FAST, "schedule.max_iters=3", "nonfinite=skip", f"output_dir={tmp_path}"])
-    metrics = train(cfg)  # checkpoint_every=1: iterations 1, 2 and the skipped 3 are each saved
+    metrics = train_with(
+        cfg, nan_rpn_losses({2})
+    )  # checkpoint_every=1: iterations 1, 2 and the skipped 3 are each saved
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert metrics["train/iterations"] == ckpt["iteration"] == 3
     assert metrics["train/skipped_steps"] == ckpt["skipped_steps"] == 1
     assert [h["iteration"] for h in ckpt["history"]] == [1, 2]  # nothing to log for a skipped step
 
 
-def test_skipped_steps_are_counted_across_a_resume(tmp_path, cache, poison_rpn_losses):
-    poison_rpn_losses(at_calls={1})  # iteration 2
-    train(compose_config([*FAST, "nonfinite=skip", f"output_dir={tmp_path}"]))
+def test_skipped_steps_are_counted_across_a_resume(tmp_path, cache):
+    train_with(compose_config([*FAST, "nonfinite=skip", f"output_dir={tmp_path}"]), nan_rpn_losses({1}))  # iteration 2
     assert load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == 1
-    poison_rpn_losses(at_calls={1})  # the resumed run's second step: iteration 4
     cfg = compose_config([*FAST, "schedule.max_iters=4", "nonfinite=skip", "resume=true", f"output_dir={tmp_path}"])
-    metrics = train(cfg)
+    metrics = train_with(cfg, nan_rpn_losses({1}))  # the resumed run's second step: iteration 4
     assert metrics["train/skipped_steps"] == load_checkpoint(tmp_path / "last.pt")["skipped_steps"] == 2
     history = json.loads((tmp_path / "history.json").read_text())
     assert [(h["iteration"], h["skipped_steps"]) for h in history] == [(1, 0), (3, 1)]
 
 
-def test_nonfinite_weights_are_never_written(tmp_path, cache, inf_weight_after_step):
+def test_nonfinite_weights_are_never_written(tmp_path, cache):
     """A finite loss whose step blows the weights up: the save refuses and names the tensor."""
-    inf_weight_after_step(2)
     cfg = compose_config([*FAST, "schedule.max_iters=3", f"output_dir={tmp_path}"])
     with pytest.raises(
         ValueError, match=r"refusing to write .*last\.pt: 1 model tensor\(s\) .*rpn\.head\.conv\.0\.0\.weight"
     ):
-        train(cfg)
+        train_with(cfg, inf_weight_after_step(2))
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert ckpt["iteration"] == 1 and finite_state(ckpt)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".last.pt")] == []
@@ -182,6 +179,38 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     ckpt = load_checkpoint(path)
     assert ckpt["iteration"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_full_disk_under_torchs_zip_writer_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch's zip writer turns the OSError of a full disk into a RuntimeError raised while handling it."""
+    import errno
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "iteration": 1})
+
+    def zip_writer_on_a_full_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5666048 vs 5665936")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", zip_writer_on_a_full_disk)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "iteration": 2})
+    assert raised.value.errno == errno.ENOSPC
+    assert error_message(raised.value) == (
+        f"OSError: [Errno 28] cannot write checkpoint {path} (No space left on device); the previous checkpoint is kept"
+    )
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+    def another_bug(obj, f, *args, **kwargs):
+        raise RuntimeError("not a write failure")
+
+    monkeypatch.setattr(torch, "save", another_bug)
+    with pytest.raises(RuntimeError, match="not a write failure"):  # raised as it is, not dressed as a disk error
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "iteration": 2})
 
 
 def test_a_truncated_checkpoint_is_reported_not_loaded(tmp_path):
@@ -272,20 +301,21 @@ def test_under_submitit_only_rank_zero_writes_train_log(tmp_path, cache):
         assert proc.returncode == 0, out[-3000:]
     log = (run / "train.log").read_text()
     assert log.count("dataset.train: 6 images") == 1 and log.count("[INFO] - train: 6 images") == 1
-    assert "dataset.train: 6 images" in out  # rank 1 still logs, to its console
+    assert "synthetic train split" in out and "dataset.train: 6 images" not in out  # rank 1 logs to its console,
+    # but the data summaries are rank 0's only
 
 
 def test_drop_file_logging_keeps_the_console(tmp_path, monkeypatch):
     root = logging.getLogger()
     file_handler, console = logging.FileHandler(tmp_path / "train.log"), logging.StreamHandler(sys.stdout)
     monkeypatch.setattr(root, "handlers", [file_handler, console])
-    trainer.drop_file_logging()
+    build.drop_file_logging()
     assert root.handlers == [console] and file_handler.stream is None  # closed
 
 
 def test_resume_true_without_a_checkpoint_warns_and_starts_from_scratch(tmp_path, cache, caplog):
     cfg = compose_config([*FAST, "schedule.max_iters=1", "resume=true", f"output_dir={tmp_path}"])
-    with caplog.at_level(logging.WARNING, logger="fl_rpn.engine.trainer"):
+    with caplog.at_level(logging.WARNING, logger="fl_rpn.engine"):
         train(cfg)
     assert f"resume=true but {tmp_path / 'last.pt'} does not exist: training from scratch" in caplog.text
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 1

@@ -23,7 +23,9 @@ from fl_rpn.engine.stability import (
 from fl_rpn.engine.step import TrainStep
 from fl_rpn.modeling.model import build_model
 from fl_rpn.modeling.rpn_heads import replace_rpn_head
-from fl_rpn.report import load_runs, markdown, summarize_runs
+from fl_rpn.report.runs import load_runs
+from fl_rpn.report.summary import summarize_runs
+from fl_rpn.report.tables import markdown
 
 
 def test_coefficient_of_variation():
@@ -118,20 +120,20 @@ def test_the_monitor_logs_into_the_loggers_entries(tmp_path, head):
     cfg, model = tiny_model(head)
     step = make_step(model)
     state = TrainState(
-        cfg=cfg, model=model.train(), optimizer=step.optimizer, scheduler=None, step=step, dist_info=SINGLE_PROCESS,
-        device=torch.device("cpu"), output_dir=tmp_path, train_set=None, val_set=None, start_iter=0, iteration=0,
-        history=[],
+        cfg=cfg, model=model.train(), optimizer=step.optimizer, scheduler=None, scaler=step.scaler, step=step,
+        dist_info=SINGLE_PROCESS, device=torch.device("cpu"), output_dir=tmp_path, train_set=None, val_set=None,
+        start_iter=0, iteration=0, max_iters=6, log_every=2, history=[],
     )  # fmt: skip
-    logger = MetricsLogger(log_every=2, max_iters=6)
-    monitor = StabilityMonitor(logger=logger, log_every=2, max_iters=6, probe_every=4)
-    state.hooks = [logger, monitor]
+    logger = MetricsLogger()
+    monitor = StabilityMonitor(probe_every=4)
+    state.hooks = [monitor, logger]
     for hook in state.hooks:
         hook.before_train(state)
     images, targets = batch()
     try:
         while state.iteration < 6:
             state.output = step(images, targets, iteration=state.iteration)
-            state.iteration += 1
+            state.advance(len(images))
             for hook in state.hooks:
                 hook.after_step(state)
     finally:
@@ -151,7 +153,7 @@ def test_the_monitor_logs_into_the_loggers_entries(tmp_path, head):
         assert entry["conflict/cosine"] == entry["conflict/backbone_cosine"]
     past = monitor.state_dict()["past"]
     assert len(past["box"]) == len(past["obj"]) == 6  # every step, for the running medians after a resume
-    resumed = StabilityMonitor(logger=logger, log_every=2, max_iters=6)
+    resumed = StabilityMonitor()
     resumed.load_state_dict({"past": past})
     assert list(resumed.past["box"]) == past["box"]
 
@@ -163,9 +165,9 @@ def test_the_probe_does_not_change_the_step():
         _, model = tiny_model("shared")
         step = make_step(model.train())
         if probe:
-            monitor = StabilityMonitor(logger=None, log_every=1, max_iters=1, probe_every=1)
+            monitor = StabilityMonitor(probe_every=1)
             monitor.groups, monitor.scaler = shared_parameter_groups(model), step.scaler
-            step.before_backward = monitor.probe
+            step.before_backward.append(monitor.probe)
         images, targets = batch()
         step(images, targets, iteration=0)
         results.append({k: v.clone() for k, v in model.state_dict().items()})

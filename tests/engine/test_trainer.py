@@ -16,6 +16,7 @@ from fl_rpn.events import current_storage
 from fl_rpn.modeling.model import build_model
 
 from ..conftest import FAST, TINY
+from .conftest import train_with
 
 
 @pytest.mark.parametrize("rpn", ["sampled", "focal_sigmoid", "focal_softmax_npos_ema"])
@@ -61,16 +62,15 @@ def test_tensorboard_after_resume_keeps_the_checkpoint_step_and_has_the_promised
     assert PROMISED_TAGS <= tags
 
 
-def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, cache, on_model_build):
+def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, cache):
     steps: list[dict[str, float]] = []
 
     def record(module, args, output):
         if module.training:
             steps.append({k.removeprefix("rpn/"): v.item() for k, v in current_storage().scalars().items()})
 
-    on_model_build(lambda model: model.rpn.register_forward_hook(record))
     cfg = compose_config([*FAST, "schedule.max_iters=4", "schedule.log_every=2", f"output_dir={tmp_path}"])
-    metrics = train(cfg)
+    metrics = train_with(cfg, lambda state: state.model.rpn.register_forward_hook(record))
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["iteration"] for h in history] == [2, 4] and len(steps) == 4
     moved = False
@@ -88,7 +88,7 @@ def test_logged_rpn_diagnostics_are_means_over_the_logging_window(tmp_path, cach
 def test_resume_from_a_checkpoint_path_continues_from_its_iteration(tmp_path, cache, caplog):
     train(compose_config([*FAST, f"output_dir={tmp_path / 'first'}"]))
     source = tmp_path / "first" / "last.pt"
-    with caplog.at_level("INFO", logger="fl_rpn.engine.trainer"):
+    with caplog.at_level("INFO", logger="fl_rpn.engine"):
         train(compose_config([*FAST, "schedule.max_iters=4", f"resume={source}", f"output_dir={tmp_path / 'next'}"]))
     assert f"resumed from {source} at iteration 2" in caplog.text
     resumed = load_checkpoint(tmp_path / "next" / "last.pt")
@@ -100,7 +100,7 @@ def test_resume_from_a_checkpoint_path_continues_from_its_iteration(tmp_path, ca
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=1e-6, msg=k)
 
 
-def grad_norms_at_each_step(on_optimizer_build, tmp_path, *overrides):
+def grad_norms_at_each_step(tmp_path, *overrides):
     """The total L2 norm of the gradients that each optimizer step uses."""
     norms = []
 
@@ -108,15 +108,15 @@ def grad_norms_at_each_step(on_optimizer_build, tmp_path, *overrides):
         grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norms.append(torch.linalg.vector_norm(torch.cat(grads)).item())
 
-    on_optimizer_build(lambda optimizer, model: optimizer.register_step_pre_hook(record))
-    train(compose_config([*FAST, *overrides, f"output_dir={tmp_path}"]))
+    cfg = compose_config([*FAST, *overrides, f"output_dir={tmp_path}"])
+    train_with(cfg, lambda state: state.optimizer.register_step_pre_hook(record))
     return norms
 
 
-def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, cache, on_optimizer_build):
+def test_clip_grad_norm_caps_the_gradient_norm_of_every_step(tmp_path, cache):
     """With one objectness logit per anchor the clipped norm is the plain L2 norm of all gradients."""
-    unclipped = grad_norms_at_each_step(on_optimizer_build, tmp_path / "a", "rpn=focal_sigmoid")
-    clipped = grad_norms_at_each_step(on_optimizer_build, tmp_path / "b", "rpn=focal_sigmoid", "clip_grad_norm=0.05")
+    unclipped = grad_norms_at_each_step(tmp_path / "a", "rpn=focal_sigmoid")
+    clipped = grad_norms_at_each_step(tmp_path / "b", "rpn=focal_sigmoid", "clip_grad_norm=0.05")
     assert len(unclipped) == len(clipped) == 2 and min(unclipped) > 0.5
     assert clipped == pytest.approx([0.05, 0.05], rel=1e-4)
 

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fl_rpn.config import compose_config
-from fl_rpn.config_check import validate_config
+from fl_rpn.engine.validate import validate_config
 from fl_rpn.evaluation import (
     EVALUATORS,
     CocoEvaluator,

@@ -6,20 +6,21 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
-from fl_rpn.config import CONF_DIR
+from fl_rpn.config import CONF_DIR, compose_config
 from fl_rpn.modeling.model import build_backbone
 from fl_rpn.modeling.rpn import BoxPositivesRPN
+from fl_rpn.modeling.rpn_registry import RPN_BUILDERS
+
+from ..conftest import TINY
 
 RPN_OPTIONS = sorted(p.stem for p in (CONF_DIR / "rpn").glob("[!_]*.yaml"))
 MODEL_OPTIONS = sorted(p.stem for p in (CONF_DIR / "model").glob("[!_]*.yaml"))
 
 
 def test_the_options_exist():
-    assert RPN_OPTIONS == [
-        "focal_sigmoid", "focal_sigmoid_lr2", "focal_softmax", "focal_softmax_boxsampled", "focal_softmax_npos_ema",
-        "sampled", "sampled_boxpos",
-    ]  # fmt: skip
-    assert {"r50_fpn", "mbv3_fpn", "tiny_fpn"} <= set(MODEL_OPTIONS)
+    losses = {compose_config([f"rpn={option}"]).rpn.loss for option in RPN_OPTIONS}
+    assert losses == set(RPN_BUILDERS)  # every option's variant is registered, and every variant has an option
+    assert {"r50_fpn", "mbv3_fpn", "mbv2_fpn", "tiny_fpn"} <= set(MODEL_OPTIONS)
 
 
 @pytest.mark.parametrize("model_name", MODEL_OPTIONS)
@@ -148,3 +149,32 @@ def test_training_steps_decrease_the_loss_on_a_fixed_batch(compose_cfg, rpn_name
     assert all(torch.isfinite(torch.tensor(h)).all() for h in history)
     assert history[-1][0] < 0.8 * history[0][0]
     assert history[-1][1] < history[0][1]
+
+
+@pytest.mark.parametrize("kind", ["shared", "decoupled", "shared_matched"])
+def test_mbv2_fpn_is_torchvisions_mobilenet_backbone_and_trains_with_every_head(compose_cfg, kind):
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
+
+    cfg = compose_cfg("model=mbv2_fpn", f"rpn.head.kind={kind}", "model.detector.min_size=128",
+                      "model.detector.max_size=160")  # fmt: skip
+    model = build_model(cfg, num_classes=1).train()
+    reference = mobilenet_backbone(backbone_name="mobilenet_v2", weights=None, fpn=True, trainable_layers=6)
+    assert {k: tuple(v.shape) for k, v in model.backbone.state_dict().items() if "num_batches" not in k} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
+    assert isinstance(model.backbone.body["0"][1], torch.nn.BatchNorm2d)  # random init: BatchNorm trained
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    images, targets = fixed_batch()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.rpn.head.cls_logits.weight.grad is not None
+
+
+def test_one_training_iteration_with_mbv2_fpn(tmp_path, cache):
+    from fl_rpn.config import compose_config
+    from fl_rpn.engine.trainer import train
+
+    metrics = train(compose_config([*TINY, "model=mbv2_fpn", "schedule.max_iters=1", f"output_dir={tmp_path}"]))
+    assert metrics["train/iterations"] == 1 and (tmp_path / "last.pt").is_file()
+    assert "bbox/AP" in metrics

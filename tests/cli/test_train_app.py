@@ -14,7 +14,7 @@ from fl_rpn.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from fl_rpn.engine.evaluate import predict
 from fl_rpn.engine.trainer import train
 
-from .conftest import FAST, TINY, TINY_DATA, run_app
+from ..conftest import FAST, TINY, TINY_DATA, run_app
 
 
 def test_train_resume_eval_predict_through_the_apps(tmp_path):
@@ -56,11 +56,13 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.png" for p in images)
 
 
-def test_unknown_override_is_rejected_by_hydra(tmp_path):
-    proc = run_app("rpn.gama=3", f"hydra.run.dir={tmp_path}", cache=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "Could not override 'rpn.gama'" in proc.stderr and "Key 'gama' is not in struct" in proc.stderr
-    assert not (tmp_path / "last.pt").exists()
+def test_an_unknown_override_names_the_nearest_key(tmp_path):
+    """Not Hydra's "To append to your config use +rpn.gama=3": the key does not exist, the nearest one is named."""
+    proc = run_app("rpn.gama=3", f"hydra.run.dir={tmp_path / 'run'}", cache=tmp_path, check=False)
+    assert proc.returncode == 1 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip().splitlines()[-1].startswith("fl-rpn-train: unknown config key rpn.gama (did you mean "
+                                                            "rpn.gamma? ")  # fmt: skip
+    assert "+rpn.gama" not in proc.stderr
 
 
 def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp_path, cache):
@@ -70,9 +72,9 @@ def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp
     train(compose_config(overrides))
     cfg = compose_config(
         [f"checkpoint={tmp_path / 'run' / 'last.pt'}", *TINY_DATA, "eval.evaluators=[]", "num_workers=0",
-         f"output_dir={tmp_path / 'eval'}"], config_name="eval",
+         f"output_dir={tmp_path / 'eval'}"], config_name="evaluate",
     )  # fmt: skip
-    assert (cfg.seed, cfg.schedule.max_iters, cfg.rpn.name) == (0, 600, "focal_softmax")  # eval.yaml's defaults
+    assert (cfg.seed, cfg.schedule.max_iters, cfg.rpn.name) == (0, 600, "focal_softmax")  # evaluate.yaml's defaults
     evaluate_checkpoint(cfg)
     recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())["provenance"]
     assert recorded["seed"] == 3 and recorded["rpn"] == "focal_sigmoid" and recorded["model"] == "tiny_fpn"
@@ -90,7 +92,7 @@ def test_predict_reads_bmp_keeps_same_stem_inputs_apart_and_draws_proposals(tmp_
 
     def run(out, topk):
         overrides = [f"checkpoint={checkpoint}", f"inputs=[{tmp_path / 'a'},{tmp_path / 'b'}]", f"out_dir={out}",
-                     "score_thresh=1.1", f"proposals_topk={topk}"]  # fmt: skip
+                     "score_thresh=1.1", f"proposals_topk={topk}", "caption=false"]  # fmt: skip
         written = predict_images(compose_config(overrides, config_name="predict"))
         return {p.name: decode_image(str(p)) for p in written}
 
@@ -138,7 +140,8 @@ def test_predict_reports_unreadable_inputs_goes_on_and_draws_the_ground_truth(tm
     (tmp_path / "empty.jpg").write_bytes(b"")
     inputs = [first.file, tmp_path / "bad.png", second.file, tmp_path / "empty.jpg"]
     overrides = [f"checkpoint={tmp_path / 'run' / 'last.pt'}", f"inputs=[{','.join(map(str, inputs))}]",
-                 f"out_dir={tmp_path / 'out'}", "score_thresh=1.1", "ground_truth=true", *TINY_DATA]  # fmt: skip
+                 f"out_dir={tmp_path / 'out'}", "score_thresh=1.1", "ground_truth=true", "caption=false",
+                 *TINY_DATA]  # fmt: skip
     with pytest.raises(ValueError, match=r"^inputs: 2 of 4 images could not be read \(the other 2 were drawn") as e:
         predict_images(compose_config(overrides, config_name="predict"))
     assert "bad.png" in str(e.value) and "empty.jpg" in str(e.value)

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from fl_rpn.config import CONF_DIR, compose_config
-from fl_rpn.config_check import validate_config
+from fl_rpn.engine.validate import validate_config
 from fl_rpn.modeling import losses
 from fl_rpn.modeling.model import build_model
 from fl_rpn.modeling.rpn import FOCAL_DEFAULTS, FocalLossRPN, use_focal_rpn
@@ -66,7 +66,7 @@ def test_builders_write_no_default_but_absence():
         ("focal_softmax", {"gamma": float("inf")}, r"^config key rpn\.gamma=inf: must be a finite number >= 0"),
         ("focal_softmax", {"prior_prob": 1.0}, r"^config key rpn\.prior_prob=1\.0: must be a number in \(0, 1\), or n"),
         ("focal_softmax", {"box_normalizer": "anchors"}, r"^config key rpn\.box_normalizer='anchors': must be 'pos"),
-        ("focal_softmax_boxsampled", {"batch_size_per_image": 0}, r"^config key rpn\.batch_size_per_image=0: must "),
+        ("focal_softmax_boxsampled", {"box_sample_size": 0}, r"^config key rpn\.box_sample_size=0: must "),
         ("sampled", {"batch_size_per_image": 2.5}, r"^config key rpn\.batch_size_per_image=2\.5: must be an integ"),
         ("sampled_boxpos", {"box_normalizer": None}, r"^config key rpn\.box_normalizer is missing"),
         ("focal_sigmoid", {"score_thresh": 0.05}, r"^config key rpn\.score_thresh=0\.05: must be below rpn\.prior_p"),
@@ -79,16 +79,16 @@ def test_the_check_names_the_key(option, changes, message):
     cfg = compose_config([f"rpn={option}"])
     OmegaConf.set_struct(cfg, False)
     cfg.rpn = rpn
-    for check in (validate_config, lambda c: build_model(c, num_classes=3)):  # both go through the one check
-        with pytest.raises(ValueError, match=message):
-            check(cfg)
+    with pytest.raises(ValueError, match=message):  # the trainer's check, before any data is read
+        validate_config(cfg)
 
 
 def test_optional_keys_may_be_left_out_or_null():
     rpn = rpn_node("focal_softmax")
     rpn.prior_prob = None  # torchvision's bias
     check_rpn_config(rpn)
-    assert "batch_size_per_image" not in compose_config(["rpn=focal_softmax"]).rpn
+    assert "box_sample_size" not in compose_config(["rpn=focal_softmax"]).rpn
+    assert "batch_size_per_image" not in compose_config(["rpn=focal_softmax_boxsampled"]).rpn  # it samples nothing
     crossed = build_model(compose_config(["rpn=focal_softmax", "rpn.box_normalizer=sampled"]), num_classes=3)
     assert crossed.rpn.box_sample_size == 256  # left out: torchvision's sample size
 
@@ -98,11 +98,10 @@ def test_a_new_variant_is_one_registered_builder():
         pass
 
     @register_rpn("margin_test")
-    def margin_rpn(model, *, margin: Annotated[float, number(lambda v: v > 0, "> 0")]) -> None:
-        old = model.rpn
-        model.rpn = MarginRPN(old.anchor_generator, old.head, 0.7, 0.3, 256, 0.5, dict(old._pre_nms_top_n),
-                              dict(old._post_nms_top_n), old.nms_thresh)  # fmt: skip
-        model.rpn.margin = margin
+    def margin_rpn(parts, *, margin: Annotated[float, number(lambda v: v > 0, "> 0")]) -> MarginRPN:
+        rpn = MarginRPN(**parts, batch_size_per_image=256, positive_fraction=0.5)
+        rpn.margin = margin
+        return rpn
 
     try:
         with pytest.raises(ValueError, match="registered twice"):
@@ -128,14 +127,15 @@ def test_sampled_is_torchvision_s_own_class_and_compute_loss():
 
 
 def test_the_python_defaults_are_the_yaml_s():
-    """``FocalLossRPN`` and ``use_focal_rpn`` read theirs from ``conf/_base/focal.yaml``; the focal losses (pure
-    functions, RetinaNet's and torchvision's defaults) write alpha and gamma themselves, which this guards."""
+    """``FocalLossRPN``'s keyword defaults (``FOCAL_DEFAULTS``, which ``use_focal_rpn`` takes) and
+    ``conf/_base/focal.yaml`` both write the paper's settings, and the focal losses (pure functions, RetinaNet's and
+    torchvision's defaults) write alpha and gamma themselves: this holds them together."""
     rpn = compose_config(["rpn=focal_softmax"]).rpn
-    keys = ("form", "loss_weight", "alpha", "gamma", "prior_prob", "box_normalizer")
-    assert {k: FOCAL_DEFAULTS[k] for k in keys} == {k: rpn[k] for k in keys}
-    for function in (use_focal_rpn, FocalLossRPN.__init__):
-        params = inspect.signature(function).parameters
-        assert {k: params[k].default for k in keys} == {k: rpn[k] for k in keys}, function
+    keys = ("form", "loss_weight", "alpha", "gamma", "prior_prob", "box_normalizer", "npos_ema")
+    assert set(FOCAL_DEFAULTS) == set(keys) and FOCAL_DEFAULTS == {k: rpn[k] for k in keys}
+    params = inspect.signature(FocalLossRPN.__init__).parameters
+    assert {k: params[k].default for k in keys} == FOCAL_DEFAULTS
+    assert use_focal_rpn(build_model(compose_config(["rpn=sampled"]), 3)).rpn.gamma == FOCAL_DEFAULTS["gamma"]
     for function in (losses.sigmoid_focal_loss, losses.softmax_focal_loss):
         params = inspect.signature(function).parameters
         assert (params["alpha"].default, params["gamma"].default) == (rpn.alpha, rpn.gamma), function

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fl_rpn import learning_curves as lc
+from fl_rpn.report import curves as lc
 
 
 def write_curve(run_dir, points):

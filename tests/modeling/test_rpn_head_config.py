@@ -7,12 +7,12 @@ import pytest
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
-from fl_rpn.config_check import validate_config
 from fl_rpn.engine.trainer import train
+from fl_rpn.engine.validate import validate_config
 from fl_rpn.export import export_torchvision
 from fl_rpn.modeling.rpn_heads import DecoupledRPNHead, SharedRPNHead, count_parameters, head_parameters
 
-from .conftest import FAST
+from ..conftest import FAST
 
 
 @pytest.mark.parametrize("rpn, form, cls", [("sampled", "sigmoid", RPNHead), ("focal_sigmoid", "sigmoid", RPNHead),

@@ -417,34 +417,6 @@ def test_rpn_presets_and_their_box_normalizers():
     assert (crossed.form, crossed.box_normalizer, crossed.box_sample_size) == ("softmax", "sampled", 256)
 
 
-def test_box_positives_normalizer_uses_the_global_count_under_ddp(monkeypatch):
-    """Rank 0 of 2 with 4 sampled positives while the other rank has 6: divides its sum by 2 x 10 / 2 (the global
-    count over the world size, as FocalLossRPN), so the DDP mean of the gradients is the global-batch one."""
-    import fl_rpn.modeling.rpn as rpn_module
-    from fl_rpn.modeling.rpn import BoxPositivesRPN
-
-    class TwoRanks:
-        @staticmethod
-        def is_available():
-            return True
-
-        @staticmethod
-        def is_initialized():
-            return True
-
-        @staticmethod
-        def get_world_size():
-            return 2
-
-        @staticmethod
-        def all_reduce(t):
-            t.add_(6.0)
-
-    monkeypatch.setattr(rpn_module, "dist", TwoRanks)
-    _, box = sampled_rpn(BoxPositivesRPN).compute_loss(*box_case([5, 3], [10, 12]))
-    assert box.item() == pytest.approx(4 * SMOOTH_L1_PER_ANCHOR / (2 * 5), rel=1e-6)
-
-
 # rpn.npos_ema: the losses are divided by a bias-corrected moving average of max(1, N_pos), closed-form below
 @pytest.mark.parametrize("form", ["sigmoid", "softmax"])
 def test_npos_ema_divides_by_the_corrected_average_of_the_counts(form):
