@@ -39,7 +39,7 @@ SCRIPTS = {
     "benchmarks/rpn_loss.py", "benchmarks/train_step.py", "benchmarks/gpu_throughput.py", "benchmarks/sync_count.py",
     "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
     "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "benchmarks/trainer_overhead.py",
-    "benchmarks/vs_torchvision_reference.py", "prior_init/measure.py", "stability/run.py",
+    "benchmarks/vs_torchvision_reference.py", "benchmarks/scale_step.py", "prior_init/measure.py", "stability/run.py",
     "decoupled_head/objectness_scores.py", "full_batch/trace_steps.py",
 }  # fmt: skip
 # files the scripts write by default: --no-write, --results and $OUT keep them as they are
@@ -135,6 +135,17 @@ def test_trainer_overhead(tmp_path, cache):
     medians = numbers["median_ms_per_step"]
     assert numbers["ratio"] == pytest.approx(medians["trainer"] / medians["bare"]) and numbers["target"] == 1.03
     assert numbers["overrides"] == data and "trainer / bare: " in proc.stdout
+
+
+def test_scale_step(tmp_path, cache):
+    """Two small arms, one step each: the step times, the ratio to the first arm and the projected schedule."""
+    arms = "scale=bccd model.detector.min_size=96 model.detector.max_size=128;scale=bccd_pretrained " \
+        "model.detector.min_size=96 model.detector.max_size=128"  # fmt: skip
+    args = ["--arms", arms, "--image", "96,128", "--batch", "1", "--rounds", "1", "--warmup", "0", "--no-write"]
+    proc = run_script(BENCH / "scale_step.py", *args, "--json", str(tmp_path / "s.json"), cache=cache, cwd=tmp_path)
+    medians = json.loads((tmp_path / "s.json").read_text())["median_s"]
+    assert list(medians) == arms.split(";") and all(map(positive, medians.values()))
+    assert "| tiny_fpn |" in proc.stdout and "| mbv2_fpn |" in proc.stdout and "1000 × → " in proc.stdout
 
 
 def test_train_step(tmp_path, cache):

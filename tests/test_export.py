@@ -1,5 +1,5 @@
 """Export to plain torchvision: the same proposals and detections as the fl_rpn model, eager, torch.export (pt2),
-TorchScript and ONNX; the README's deployment recipe runs on exported files."""
+TorchScript and ONNX; the deployment recipe of docs/deploying.md runs on exported files."""
 
 import json
 import re
@@ -135,7 +135,8 @@ def test_exported_model_gives_the_same_proposals_and_detections_eager_and_script
 
 
 def test_r50_export_rebuilds_with_torchvisions_builder_alone(compose_cfg, tmp_path):
-    """The README's deployment recipe: ``fasterrcnn_resnet50_fpn`` + model.json + model.pt, no fl_rpn class."""
+    """The deployment recipe (docs/deploying.md): ``fasterrcnn_resnet50_fpn`` + model.json + model.pt, no fl_rpn
+    class."""
     cfg, model = random_model(compose_cfg, "model=r50_fpn", "rpn=focal_softmax")
     path = export_checkpoint(write_checkpoint(tmp_path, cfg, model), "torchvision", tmp_path / "deploy")
 
@@ -209,7 +210,7 @@ def calibrated_mbv2(compose_cfg, *overrides):
 
 def test_mbv2_export_rebuilds_with_mobilenet_backbone_and_fasterrcnn(compose_cfg, tmp_path):
     """torchvision has no mbv2 detector builder: model.json names ``mobilenet_backbone``'s arguments, and
-    ``FasterRCNN`` + those + model.json's settings load model.pt (the README's recipe), no fl_rpn class."""
+    ``FasterRCNN`` + those + model.json's settings load model.pt (docs/deploying.md), no fl_rpn class."""
     from torchvision.models.detection import backbone_utils
 
     cfg, model = calibrated_mbv2(compose_cfg, "rpn=focal_softmax", "model.box_head_dim=256")
@@ -302,13 +303,13 @@ def test_torchvision_format_is_refused_for_tiny_fpn_before_anything_is_written(c
     assert not (tmp_path / "cli").exists()
 
 
-def test_the_readme_deployment_recipe_runs_on_exported_files(compose_cfg, tmp_path):
-    """The README's ``# needs:`` block, as written, in a fresh process in a folder holding ``photo.jpg`` and
+def test_the_deployment_recipe_runs_on_exported_files(compose_cfg, tmp_path):
+    """The ``# needs:`` block of docs/deploying.md, as written, in a fresh process in a folder holding ``photo.jpg`` and
     ``deploy/``: ``tiny_fpn`` as pt2, TorchScript and ONNX, then ``r50_fpn`` as a state dict (its ``model.json``
     last). It imports no fl_rpn module."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    blocks = re.findall(r"```python\n(.*?)```", (CONF_DIR.parent / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (CONF_DIR.parent / "docs" / "deploying.md").read_text(), flags=re.S)
     (recipe,) = [b for b in blocks if b.startswith("# needs:")]
     cfg, model = random_model(compose_cfg, "rpn=focal_softmax")
     checkpoint = write_checkpoint(tmp_path / "tiny", cfg, model)

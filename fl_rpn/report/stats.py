@@ -111,3 +111,12 @@ def paired_power(diffs: list[float], effect: float) -> tuple[float, float, float
     if sd == 0:
         return 0.0, 0.0, 2
     return sd, detectable_effect(n) * sd, pairs_needed(effect / sd)
+
+
+def sd_ratio_interval(df: int, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` confidence range of (true sd) / (sample sd) for a sample sd with ``df`` degrees of freedom, from
+    ``df s^2 / sigma^2 ~ chi^2(df)``: ``(sqrt(df / chi2_upper), sqrt(df / chi2_lower))``; 4 df give 0.60-2.87."""
+    from scipy import stats
+
+    tail = (1 - level) / 2
+    return math.sqrt(df / stats.chi2.ppf(1 - tail, df)), math.sqrt(df / stats.chi2.ppf(tail, df))

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from .runs import DIAGNOSTICS, STABILITY, Run, _is_fraction, _is_score, common_overrides
+from .stats import sd_ratio_interval
 from .summary import RANK_THRESHOLD, too_short_to_rank, unranked
 
 
@@ -305,6 +306,11 @@ def power_lines(summary: dict, metrics: list[str]) -> list[str]:
         lines.append(f"**With {seeds} seeds, {len(cannot)} of the {len(checked)} differences here cannot "
                      f"resolve an effect of the paper's size ({size}):** {listed}. The others can (MDD at or "
                      "below it).")  # fmt: skip
+    if pairs and pairs[0] > 2:
+        low, high = sd_ratio_interval(pairs[0] - 1)
+        lines.append(f"Each sd is itself estimated from {pairs[0]} pairs ({pairs[0] - 1} degrees of freedom): at 95 % "
+                     f"the true sd lies within {low:.2f}–{high:.2f}× the observed one, so the MDD is uncertain by the "
+                     f"same factors and the seeds needed by {low**2:.2f}–{high**2:.1f}×.")  # fmt: skip
     stuck = unranked(summary, metrics)
     if stuck:
         lines.append(f"{', '.join(stuck)}: below 1 % in every arm. A metric stuck near zero has almost no spread "

@@ -1,6 +1,6 @@
 """Messy data fails before training with the file and the problem named, or is skipped and counted.
 
-Policy (README, "When things go wrong"): errors for what cannot be right (a missing or unreadable file, a
+Policy (docs/troubleshooting.md): errors for what cannot be right (a missing or unreadable file, a
 malformed annotation, an unknown class, a NaN or a negative-size box, an empty split); clip-and-count for boxes
 reaching outside the image; drop-and-count for boxes <= 1 px; keep-and-count for images without boxes.
 """

@@ -1,4 +1,4 @@
-"""Inputs that were silently wrong or wrongly refused: each has a decision (README, "When things go wrong").
+"""Inputs that were silently wrong or wrongly refused: each has a decision (docs/troubleshooting.md).
 
 Errors name the file; skips are counted in the reader stats; valid inputs are read as their format means them.
 """

@@ -44,3 +44,14 @@ def test_detectable_effect_matches_published_values(n, d):
 def test_pairs_needed_matches_published_values():
     assert pairs_needed(0.5) == 34 and pairs_needed(0.8) == 15 and pairs_needed(1.0) == 10
     assert pairs_needed(1e-4) == math.inf  # beyond a million pairs
+
+
+def test_the_sd_of_few_pairs_is_uncertain_by_the_chi_square_range():
+    """4 degrees of freedom (5 pairs): chi2(4) quantiles 0.484 and 11.143 give sqrt(4 / 11.143) = 0.599 and
+    sqrt(4 / 0.484) = 2.874; the range narrows with more pairs."""
+    from fl_rpn.report.stats import sd_ratio_interval
+
+    low, high = sd_ratio_interval(4)
+    assert (round(low, 3), round(high, 3)) == (0.599, 2.874)
+    wide, narrow = sd_ratio_interval(2), sd_ratio_interval(29)
+    assert wide[1] > high > narrow[1] > 1 > narrow[0] > low > wide[0]

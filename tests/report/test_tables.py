@@ -120,6 +120,11 @@ def test_report_gives_sd_mdd_and_seeds_needed_and_says_when_the_effect_cannot_be
     power_table = text.split("### Power of the paired differences")[1]
     assert f"| rpn=focal_softmax | 2.65 / {100 * 3.2640435528 * sd:.2f} / {needed} |" in power_table  # 8.64 / 346
     assert "**This table cannot resolve an effect of the paper's size (0.40 points) with 3 seeds" in text
+    # 3 pairs, 2 degrees of freedom: chi2(2) quantiles 0.0506 and 7.378 -> 0.52-6.28x the sd, 0.27-39.5x the seeds
+    assert (
+        "estimated from 3 pairs (2 degrees of freedom): at 95 % the true sd lies within 0.52–6.28× the observed" in text
+    )
+    assert "the seeds needed by 0.27–39.5×." in text
     row = next(r for r in read_csv(tmp_path / "summary.csv") if r["arm"] == "rpn=focal_softmax")
     assert float(row["diff_mdd80"]) == pytest.approx(mdd) and int(row["diff_seeds_needed"]) == needed
 
