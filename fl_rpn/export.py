@@ -28,7 +28,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 
 from ._version import __version__
-from .modeling.rpn import FocalLossRPN, rpn_settings
+from .modeling.rpn import BoxPositivesRPN, FocalLossRPN, rpn_settings
 
 __all__ = ["export_torchvision", "fold_objectness", "torchvision_settings", "export_checkpoint", "FORMATS"]
 
@@ -73,17 +73,28 @@ def export_torchvision(model: GeneralizedRCNN) -> GeneralizedRCNN:
     """A copy of ``model`` (Faster / Mask / Keypoint R-CNN) in eval mode whose ``rpn`` is torchvision's own.
 
     A ``FocalLossRPN`` becomes a ``RegionProposalNetwork`` with an ``RPNHead`` (the softmax form folded, see
-    the module docstring); a model with torchvision's RPN (``rpn=sampled``) is copied as is. ``model`` is not
-    changed. Every other module is already torchvision's, except a ``tiny_fpn`` backbone (``TinyBackbone``).
+    the module docstring); a ``BoxPositivesRPN`` (``rpn=sampled_boxpos``, which differs from torchvision's only in
+    its training loss) becomes torchvision's own class with the same parts and sampler; a model with torchvision's RPN
+    (``rpn=sampled``) is copied as is. ``model`` is not changed. Every other module is already torchvision's, except a
+    ``tiny_fpn`` backbone (``TinyBackbone``).
     """
     if not isinstance(model, GeneralizedRCNN):
         raise TypeError(f"export_torchvision expects a torchvision GeneralizedRCNN, got {type(model).__name__}")
     rpn = model.rpn
-    if not isinstance(rpn, FocalLossRPN) and type(rpn) is not RegionProposalNetwork:
-        raise TypeError(f"model.rpn is a {type(rpn).__name__}: neither FocalLossRPN nor RegionProposalNetwork")
+    if not isinstance(rpn, FocalLossRPN | BoxPositivesRPN) and type(rpn) is not RegionProposalNetwork:
+        raise ValueError(
+            f"model.rpn is a {type(rpn).__name__}: only FocalLossRPN, BoxPositivesRPN and torchvision's "
+            "RegionProposalNetwork export"
+        )
     exported = copy.deepcopy(model)
     if isinstance(rpn, FocalLossRPN):
         exported.rpn = _torchvision_rpn(exported.rpn)
+    elif isinstance(rpn, BoxPositivesRPN):
+        sampler = rpn.fg_bg_sampler
+        exported.rpn = RegionProposalNetwork(
+            **rpn_settings(exported.rpn), head=exported.rpn.head, batch_size_per_image=sampler.batch_size_per_image,
+            positive_fraction=sampler.positive_fraction,
+        )  # fmt: skip
     return exported.eval()
 
 

@@ -97,6 +97,17 @@ def test_fold_objectness_gives_the_object_minus_background_logit():
         fold_objectness(nn.Conv2d(8, 5, kernel_size=1))
 
 
+def test_the_box_normaliser_control_arm_exports_as_torchvisions_own_rpn(compose_cfg):
+    """rpn=sampled_boxpos (``BoxPositivesRPN``) differs from torchvision's RPN in its training loss only: it exports
+    as torchvision's class with the same parts and sampler, and predicts exactly the same."""
+    _, model = random_model(compose_cfg, "rpn=sampled_boxpos")
+    exported = export_torchvision(model)
+    assert type(exported.rpn) is RegionProposalNetwork and exported.rpn.fg_bg_sampler.batch_size_per_image == 256
+    images = random_images()
+    for x, y in zip(predict(model, images), predict(exported, images)):
+        assert all(torch.equal(x[k], y[k]) for k in ("boxes", "scores", "labels", "proposals"))
+
+
 @pytest.mark.parametrize("rpn", ["focal_softmax", "focal_sigmoid"])
 def test_exported_model_gives_the_same_proposals_and_detections_eager_and_scripted(compose_cfg, rpn):
     cfg, model = random_model(compose_cfg, f"rpn={rpn}")

@@ -105,7 +105,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_section("scale_step", "Training step time per scale preset", lines, "scale_step.py")
+        write_section("scale_step", "10. Training step time per scale preset (`scale_step.py`)", lines, "scale_step.py")
     write_numbers(args.json, torch.device("cpu"), {"median_s": {arm: median(ts) for arm, ts in times.items()}})
 
 

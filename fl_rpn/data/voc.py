@@ -218,6 +218,36 @@ def _voc_classes(root: Path, sets: list, classes: Sequence[str] | None, classes_
     return list(classes)
 
 
+def _read_voc_set(root: Path, year: str | None, split: str, classes: list[str], train: bool, records: list,
+                  seen: set, stats: dict) -> None:  # fmt: skip
+    """Append the records of one ``(year, split)`` image list to ``records``; ids in ``seen`` (read before, in this
+    list or another) are skipped and counted."""
+    base = _base(root, year)
+    list_file = base / "ImageSets" / "Main" / f"{split}.txt"
+    repeats = 0
+    for name in _image_ids(list_file):
+        if (year, name) in seen:
+            repeats += 1
+            continue
+        seen.add((year, name))
+        xml_file = base / "Annotations" / f"{name}.xml"
+        if not xml_file.is_file():
+            raise FileNotFoundError(f"VOC annotation {xml_file} (listed in {list_file}) does not exist.")
+        width, height, boxes, labels, difficult = parse_voc_xml(xml_file, classes)
+        record = make_record(
+            _image_file(base / "JPEGImages", name, xml_file), len(records), width, height, boxes, labels, difficult,
+            stats, source_id=name, source=f"VOC annotation {xml_file}",
+            box_names=[f"object {i} ({classes[k - 1]})" for i, k in enumerate(labels)], train=train,
+        )  # fmt: skip
+        stats["difficult_boxes"] += int(record.ignore.sum())
+        stats["empty_images"] += int(len(record.boxes) == 0)
+        records.append(record)
+    if repeats:
+        log.warning("VOC image list %s: %d id(s) listed before are skipped (each image is read once).",
+                    list_file, repeats)  # fmt: skip
+    stats["duplicate_ids_skipped"] += repeats
+
+
 def read_voc(
     root: str | Path,
     year: VOCSets = "2007",
@@ -261,40 +291,7 @@ def read_voc(
     records: list[ImageRecord] = []
     seen: set[tuple[str | None, str]] = set()
     for y, s in sets:
-        base = _base(root, y)
-        list_file = base / "ImageSets" / "Main" / f"{s}.txt"
-        names = _image_ids(list_file)
-        repeats = 0
-        for name in names:
-            if (y, name) in seen:
-                repeats += 1
-                continue
-            seen.add((y, name))
-            xml_file = base / "Annotations" / f"{name}.xml"
-            if not xml_file.is_file():
-                raise FileNotFoundError(f"VOC annotation {xml_file} (listed in {list_file}) does not exist.")
-            width, height, boxes, labels, difficult = parse_voc_xml(xml_file, classes)
-            record = make_record(
-                _image_file(base / "JPEGImages", name, xml_file),
-                len(records),
-                width,
-                height,
-                boxes,
-                labels,
-                difficult,
-                stats,
-                source_id=name,
-                source=f"VOC annotation {xml_file}",
-                box_names=[f"object {i} ({classes[k - 1]})" for i, k in enumerate(labels)],
-                train=train,
-            )
-            stats["difficult_boxes"] += int(record.ignore.sum())
-            stats["empty_images"] += int(len(record.boxes) == 0)
-            records.append(record)
-        if repeats:
-            log.warning("VOC image list %s: %d id(s) listed before are skipped (each image is read once).",
-                        list_file, repeats)  # fmt: skip
-        stats["duplicate_ids_skipped"] += repeats
+        _read_voc_set(root, y, s, classes, train, records, seen, stats)
     if train and warn_unused:
         unused = sorted(set(classes) - {classes[k - 1] for r in records for k in r.labels})
         if unused:

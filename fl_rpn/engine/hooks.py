@@ -250,6 +250,10 @@ class Evaluation(HookBase):
         self.evaluate, self.eval_every, self.ema = evaluate, eval_every, ema
         self.curve: list[dict[str, float]] = []
 
+    def before_train(self, state: TrainState) -> None:
+        # the code that runs is the code at the start: the checkout may change while a run trains
+        self.provenance = provenance(state.cfg, state.dist_info.world_size)
+
     def state_dict(self) -> dict[str, Any]:
         return {"curve": self.curve} if self.curve else {}
 
@@ -299,8 +303,7 @@ class Evaluation(HookBase):
         )
         result = {**metrics, **summary}
         self._record(state, metrics)
-        world_size = state.dist_info.world_size
-        write_json(state.output_dir / "metrics.json", {**result, "provenance": provenance(state.cfg, world_size)})
+        write_json(state.output_dir / "metrics.json", {**result, "provenance": self.provenance})
         write_json(state.output_dir / "history.json", state.history)
         log.info("final metrics:\n%s", summarize(without_per_class(result)))
         state.result = result
