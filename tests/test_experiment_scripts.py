@@ -40,7 +40,7 @@ SCRIPTS = {
     "benchmarks/evaluation.py", "benchmarks/data_pipeline.py", "benchmarks/gpu_check_summary.py",
     "benchmarks/gpu_check.sh", "benchmarks/stability_cost.py", "benchmarks/trainer_overhead.py",
     "benchmarks/vs_torchvision_reference.py", "benchmarks/scale_step.py", "prior_init/measure.py", "stability/run.py",
-    "decoupled_head/objectness_scores.py", "full_batch/trace_steps.py",
+    "decoupled_head/objectness_scores.py", "full_batch/trace_steps.py", "collect_runs.py",
 }  # fmt: skip
 # files the scripts write by default: --no-write, --results and $OUT keep them as they are
 DEFAULT_OUTPUTS = [BENCH / "RESULTS.md", EXPERIMENTS / "stability" / "results.json"]
@@ -400,6 +400,28 @@ def test_trace_steps_records_every_step_and_leaves_the_run_unchanged(tmp_path, c
 
 
 # -- gpu_check.sh and its summary ------------------------------------------------------------------------------------
+def test_collect_runs_copies_finished_runs_without_machine_paths(tmp_path):
+    sweep, dest = tmp_path / "ran" / "multirun" / "sweep", tmp_path / "repo" / "study"
+    cwd = str(tmp_path / "ran")
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {cwd}\n    output_dir: {cwd}/multirun/sweep\n")
+    for job in ("0", "1"):
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (sweep / job / "history.json").write_text("[]")
+        (sweep / job / "last.pt").write_bytes(b"checkpoint")
+    (sweep / "0" / "metrics.json").write_text(json.dumps({"run_dir": f"{cwd}/multirun/sweep/0"}))
+    script = EXPERIMENTS / "collect_runs.py"
+    for expected in ("1 finished runs", "0 files written"):  # the second pass finds nothing new
+        proc = subprocess.run([sys.executable, script, sweep, dest], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [
+        "0/.hydra/overrides.yaml", "0/history.json", "0/metrics.json", "multirun.yaml"]  # fmt: skip
+    assert json.loads((dest / "0" / "metrics.json").read_text()) == {"run_dir": "./multirun/sweep/0"}
+    assert cwd not in (dest / "multirun.yaml").read_text()
+
+
 def test_gpu_check_summary_judges_each_target(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

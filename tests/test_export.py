@@ -264,11 +264,12 @@ def test_mbv2_exports_as_torchscript_and_onnx(compose_cfg, tmp_path, fmt):
     assert_same_detections([expected], [got], box_atol=1e-3, score_atol=1e-4)
 
 
-@pytest.mark.parametrize("rpn", ["focal_softmax", "focal_sigmoid", "sampled"])
-def test_pt2_program_gives_the_same_detections_at_other_image_sizes(compose_cfg, tmp_path, rpn):
+def test_pt2_program_gives_the_same_detections_at_other_image_sizes(compose_cfg, tmp_path):
     """``format=pt2``: ``torch.export`` traced at 120 x 160, loaded with ``torch.export.load`` and run at 128 x 100
-    and 300 x 200: the detections of the eager torchvision model (measured: identical)."""
-    cfg, model = random_model(compose_cfg, f"rpn={rpn}")
+    and 300 x 200: the detections of the eager torchvision model (measured: identical). One RPN form is enough:
+    every form exports as torchvision's own RPN (softmax folded to one logit, checked for each form above), so
+    the traced graph is the same and only the weights differ."""
+    cfg, model = random_model(compose_cfg, "rpn=focal_softmax")
     path = export_checkpoint(write_checkpoint(tmp_path, cfg, model), "pt2", tmp_path / "deploy", 17, (120, 160))
     assert path.name == "model.pt2" and json.loads((tmp_path / "deploy" / "model.json").read_text())["format"] == "pt2"
     program = torch.export.load(str(path)).module()
