@@ -139,17 +139,20 @@ def torchvision_settings(model: GeneralizedRCNN) -> dict[str, Any]:
 
 # model.name -> torchvision's builder with the same layout (tiny_fpn's backbone is fl_rpn's own). mbv2_fpn has no
 # ready builder: FasterRCNN(backbone, ...) with the backbone from torchvision's public mobilenet_backbone, called
-# with TORCHVISION_BACKBONES' keyword arguments (weights=None; its default FrozenBatchNorm2d is BatchNorm2d at
+# with torchvision_backbone's keyword arguments (weights=None; its default FrozenBatchNorm2d is BatchNorm2d at
 # inference and loads a BatchNorm2d state dict).
 TORCHVISION_BUILDERS = {
     "r50_fpn": "fasterrcnn_resnet50_fpn", "mbv3_fpn": "fasterrcnn_mobilenet_v3_large_fpn", "mbv2_fpn": "FasterRCNN",
 }  # fmt: skip
-TORCHVISION_BACKBONES = {
-    "mbv2_fpn": {
-        "builder": "torchvision.models.detection.backbone_utils.mobilenet_backbone",
-        "kwargs": {"backbone_name": "mobilenet_v2", "weights": None, "fpn": True},
-    },
-}
+def torchvision_backbone(model_cfg: dict) -> dict[str, Any] | None:
+    """The torchvision call that rebuilds the backbone of a model without a ready builder (``mbv2_fpn``: its
+    ``returned_layers`` included when set), or None."""
+    if model_cfg["name"] != "mbv2_fpn":
+        return None
+    kwargs = {"backbone_name": "mobilenet_v2", "weights": None, "fpn": True}
+    if model_cfg.get("returned_layers") is not None:
+        kwargs["returned_layers"] = list(model_cfg["returned_layers"])
+    return {"builder": "torchvision.models.detection.backbone_utils.mobilenet_backbone", "kwargs": kwargs}
 
 
 def export_checkpoint(
@@ -199,7 +202,7 @@ def export_checkpoint(
         "format": fmt, "file": path.name, "fl_rpn_version": __version__, "checkpoint": str(checkpoint),
         "model": model_name, "rpn": ckpt["config"]["rpn"]["name"],
         "torchvision_builder": TORCHVISION_BUILDERS.get(model_name),
-        "torchvision_backbone": TORCHVISION_BACKBONES.get(model_name),
+        "torchvision_backbone": torchvision_backbone(ckpt["config"]["model"]),
         "class_names": list(ckpt["meta"]["class_names"]), **torchvision_settings(exported),
     }  # fmt: skip
     (out_dir / "model.json").write_text(json.dumps(settings, indent=2))

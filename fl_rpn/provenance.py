@@ -111,5 +111,10 @@ def provenance(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
         "model": cfg.model.name,
         "rpn": cfg.rpn.name,
         "schedule": schedule_text(cfg, world_size),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": utc_now(),
     }
+
+
+def utc_now() -> str:
+    """The time now in UTC, ISO 8601 to the second (``2026-12-07T18:12:47+00:00``)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

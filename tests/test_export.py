@@ -219,12 +219,19 @@ def calibrated_mbv2(compose_cfg, *overrides):
     return cfg, model.eval()
 
 
-def test_mbv2_export_rebuilds_with_mobilenet_backbone_and_fasterrcnn(compose_cfg, tmp_path):
+STRIDE_16 = ["model.returned_layers=[3,4,5]", "model.anchor_sizes=[[16,32],[64,96],[128,192],[256,384]]"]
+
+
+@pytest.mark.parametrize("levels", [[], STRIDE_16])
+def test_mbv2_export_rebuilds_with_mobilenet_backbone_and_fasterrcnn(compose_cfg, tmp_path, levels):
     """torchvision has no mbv2 detector builder: model.json names ``mobilenet_backbone``'s arguments, and
-    ``FasterRCNN`` + those + model.json's settings load model.pt (docs/deploying.md), no fl_rpn class."""
+    ``FasterRCNN`` + those + model.json's settings load model.pt (docs/deploying.md), no fl_rpn class; with
+    torchvision's two stride-32 stages and with a stride-16 stage added (``model.returned_layers``)."""
     from torchvision.models.detection import backbone_utils
 
-    cfg, model = calibrated_mbv2(compose_cfg, "rpn=focal_softmax", "model.box_head_dim=256")
+    cfg, model = calibrated_mbv2(compose_cfg, "rpn=focal_softmax", "model.box_head_dim=256", *levels)
+    strides = [round(128 / f.shape[-2]) for f in model.backbone(torch.zeros(1, 3, 128, 128)).values()]
+    assert strides == ([16, 32, 32, 64] if levels else [32, 32, 64])
     path = export_checkpoint(write_checkpoint(tmp_path, cfg, model), "torchvision", tmp_path / "deploy")
 
     spec = json.loads((tmp_path / "deploy" / "model.json").read_text())

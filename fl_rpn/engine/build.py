@@ -15,6 +15,7 @@ old, so a seeded run gives the same weights as before this split.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,24 @@ def setup_process(cfg: DictConfig) -> tuple[torch.device, DistInfo, Path]:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device, dist_info, output_dir
+
+
+@contextlib.contextmanager
+def quiet_below_error(dist_info: DistInfo, *logger_names: str):
+    """On ranks > 0, the loggers ``logger_names`` pass only errors meanwhile: every rank reads the same files, so
+    their warnings would repeat rank 0's line for line."""
+    if dist_info.is_main:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def build_datasets(cfg: DictConfig):
@@ -237,7 +256,8 @@ def build_run(cfg: DictConfig) -> TrainState:
     checkpoint_path = broadcast_object(resolve_resume(cfg.resume, output_dir) if dist_info.is_main else None, dist_info)
     if checkpoint_path is None:  # pretrained weights that cannot be had stop the run before any data is read
         fetch_backbone_weights(cfg.model)
-    train_set, val_set = build_datasets(cfg)
+    with quiet_below_error(dist_info, "fl_rpn.data", __name__):
+        train_set, val_set = build_datasets(cfg)
     preemption = Preemption()
     # resuming: the checkpoint holds every weight, so pretrained backbone weights are not fetched again
     trainable = build_trainable(

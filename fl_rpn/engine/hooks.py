@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from tqdm import tqdm
 
 from ..evaluation import summarize, without_per_class
-from ..provenance import provenance
+from ..provenance import provenance, utc_now
 from .checkpoint import rng_state, save_checkpoint, write_json
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .step import StepOutput, TrainStep
@@ -253,6 +253,7 @@ class Evaluation(HookBase):
     def before_train(self, state: TrainState) -> None:
         # the code that runs is the code at the start: the checkout may change while a run trains
         self.provenance = provenance(state.cfg, state.dist_info.world_size)
+        self.provenance["started"] = self.provenance.pop("finished")
 
     def state_dict(self) -> dict[str, Any]:
         return {"curve": self.curve} if self.curve else {}
@@ -303,7 +304,8 @@ class Evaluation(HookBase):
         )
         result = {**metrics, **summary}
         self._record(state, metrics)
-        write_json(state.output_dir / "metrics.json", {**result, "provenance": self.provenance})
+        provenance_now = {**self.provenance, "finished": utc_now()}
+        write_json(state.output_dir / "metrics.json", {**result, "provenance": provenance_now})
         write_json(state.output_dir / "history.json", state.history)
         log.info("final metrics:\n%s", summarize(without_per_class(result)))
         state.result = result

@@ -36,7 +36,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..checks import check_choice
+from ..checks import check, check_choice
 from ..errors import WeightsUnavailableError
 from ..pretrained import FETCH_COMMANDS, check_cached_file, hub_checkpoints_dir
 from .rpn_registry import build_rpn
@@ -199,7 +199,9 @@ def build_backbone(model_cfg: DictConfig, load_weights: bool = True) -> nn.Modul
         what = _BACKBONES[name]
         constructor = mobilenet_v3_large if name == "mbv3_fpn" else mobilenet_v2
         body, trained = _pretrained_backbone(constructor, model_cfg, what, load_weights)
-        return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6))
+        returned = model_cfg.get("returned_layers")  # mbv2_fpn only; null: torchvision's last two stages
+        return _mobilenet_extractor(body, True, _trainable_layers(trainable, trained, all_layers=6),
+                                    returned_layers=None if returned is None else list(returned))  # fmt: skip
     if name == "tiny_fpn":
         backbone_weights_source(model_cfg)  # null, or the error
         widths = tuple(model_cfg.widths)
@@ -259,8 +261,30 @@ def check_model_config(cfg: DictConfig) -> None:
     name's cached file must have its hash). A resumed run (``resume``) may name a file that is gone: the checkpoint
     holds the weights."""
     check_choice("model.name", cfg.model.name, list(_BACKBONES))
+    sizes = cfg.model.get("anchor_sizes")
+    if sizes is not None:  # one RPN head serves every level: the same number of anchors per location
+        check(len({len(s) for s in sizes}) == 1, "model.anchor_sizes", [list(s) for s in sizes],
+              "every level must have as many sizes as the others (one RPN head serves them all)")  # fmt: skip
+    if cfg.model.name == "mbv2_fpn":
+        check_mobilenet_levels(cfg.model)
     resuming = cfg.get("resume") not in (False, None, "false")
     backbone_weights_source(cfg.model, need_file=not resuming)
+
+
+def check_mobilenet_levels(model_cfg: DictConfig) -> None:
+    """``model.returned_layers``: null or increasing stage numbers in 0..5 of MobileNetV2's six (2: stride 8,
+    3: 16, 4 and 5: 32); the FPN gives one map per returned stage plus a max-pool map, and ``model.anchor_sizes``
+    needs one tuple per map (torchvision would fail at the first step with an unrelated message)."""
+    returned = model_cfg.get("returned_layers")
+    if returned is not None:
+        stages = list(returned)
+        ok = bool(stages) and all(isinstance(k, int) and 0 <= k <= 5 for k in stages) and stages == sorted(set(stages))
+        check(ok, "model.returned_layers", stages, "must be null or increasing stage numbers in 0..5")
+    levels = len(returned if returned is not None else (4, 5)) + 1
+    sizes = model_cfg.get("anchor_sizes")
+    if sizes is not None:
+        check(len(sizes) == levels, "model.anchor_sizes", [list(s) for s in sizes],
+              f"must have one list per feature map: {levels} (model.returned_layers + the max-pool level)")  # fmt: skip
 
 
 COMPILE_MODES = (None, "default", "max-autotune")  # config key compile -> torch.compile(mode=...)

@@ -1,6 +1,7 @@
 """The Hydra apps end to end on tiny synthetic data: train -> checkpoint -> resume -> eval -> predict."""
 
 import json
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -27,6 +28,8 @@ def test_train_resume_eval_predict_through_the_apps(tmp_path):
         assert key in metrics
     assert metrics["train/iterations"] == 2
     assert metrics["provenance"]["rpn"] == "focal_softmax" and metrics["provenance"]["seed"] == 0
+    started, finished = (datetime.fromisoformat(metrics["provenance"][k]) for k in ("started", "finished"))
+    assert started <= finished <= datetime.now(timezone.utc)  # the commit is read at the start, the end is the end
     assert (run_dir / ".hydra" / "config.yaml").is_file() and list((run_dir / "tb").iterdir())
     resolved = (run_dir / "config_resolved.yaml").read_text()
     assert "${" not in resolved and f"output_dir: {run_dir}" in resolved and f"cache_dir: {cache}" in resolved

@@ -19,6 +19,7 @@ from fl_rpn.config import compose_config
 from fl_rpn.data import build_dataset
 from fl_rpn.engine import build
 from fl_rpn.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from fl_rpn.engine.distributed import DistInfo
 from fl_rpn.engine.stream import TrainStream
 from fl_rpn.engine.trainer import NonFiniteLossError, train
 from fl_rpn.engine.validate import validate_config
@@ -301,8 +302,20 @@ def test_under_submitit_only_rank_zero_writes_train_log(tmp_path, cache):
         assert proc.returncode == 0, out[-3000:]
     log = (run / "train.log").read_text()
     assert log.count("dataset.train: 6 images") == 1 and log.count("[INFO] - train: 6 images") == 1
-    assert "synthetic train split" in out and "dataset.train: 6 images" not in out  # rank 1 logs to its console,
-    # but the data summaries are rank 0's only
+    assert log.count("synthetic train split") == 1  # a reader's line: rank 0's, though both ranks read the data
+    assert "synthetic train split" not in out and "dataset.train: 6 images" not in out  # rank 1's console
+
+
+def test_ranks_above_zero_pass_only_the_readers_errors_while_the_data_is_read(caplog):
+    """Every rank reads the same files: a reader's warning (a degenerate box, a reused COCO id) is rank 0's alone."""
+    reader = logging.getLogger("fl_rpn.data.records")
+    for rank, expected in ((0, ["a warning", "an error"]), (1, ["an error"])):
+        caplog.clear()
+        with caplog.at_level(logging.INFO), build.quiet_below_error(DistInfo(rank, 2), "fl_rpn.data"):
+            reader.warning("a warning")
+            reader.error("an error")
+        assert [r.getMessage() for r in caplog.records] == expected
+    assert logging.getLogger("fl_rpn.data").level == logging.NOTSET  # restored
 
 
 def test_drop_file_logging_keeps_the_console(tmp_path, monkeypatch):

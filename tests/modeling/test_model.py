@@ -7,6 +7,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 
 from fl_rpn import FocalLossRPN, TwoLogitRPNHead, build_model
 from fl_rpn.config import CONF_DIR, compose_config
+from fl_rpn.engine.validate import validate_config
 from fl_rpn.modeling.model import build_backbone
 from fl_rpn.modeling.rpn import BoxPositivesRPN
 from fl_rpn.modeling.rpn_registry import RPN_BUILDERS
@@ -178,3 +179,17 @@ def test_one_training_iteration_with_mbv2_fpn(tmp_path, cache):
     metrics = train(compose_config([*TINY, "model=mbv2_fpn", "schedule.max_iters=1", f"output_dir={tmp_path}"]))
     assert metrics["train/iterations"] == 1 and (tmp_path / "last.pt").is_file()
     assert "bbox/AP" in metrics
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.returned_layers=[5,4]"], r"model.returned_layers=\[5, 4\]: must be null or increasing stage numbers"),
+    (["model.returned_layers=[3,6]"], r"model.returned_layers=\[3, 6\]: must be null or increasing stage numbers"),
+    (["model.returned_layers=[3,4,5]"], "model.anchor_sizes=.*: must have one list per feature map: 4 "),
+    (["model.anchor_sizes=[[32],[64,128],[256]]"], "model.anchor_sizes=.*: every level must have as many sizes"),
+])  # fmt: skip
+def test_mbv2_fpn_levels_are_checked_before_any_data_is_read(overrides, message):
+    """torchvision's own message for anchors that do not match the feature maps comes at the first step and names
+    neither key; the default anchors (3 lists) fit the default stages (2 maps + the max-pool map)."""
+    validate_config(compose_config(["model=mbv2_fpn"]))
+    with pytest.raises(ValueError, match=message):
+        validate_config(compose_config(["model=mbv2_fpn", *overrides]))
