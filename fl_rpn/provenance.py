@@ -111,7 +111,6 @@ def provenance(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
         "model": cfg.model.name,
         "rpn": cfg.rpn.name,
         "schedule": schedule_text(cfg, world_size),
-        "finished": utc_now(),
     }
 
 

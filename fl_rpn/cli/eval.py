@@ -15,7 +15,7 @@ from ..engine.distributed import DistInfo
 from ..engine.evaluate import run_evaluation, select_device
 from ..errors import report_errors
 from ..evaluation import summarize, without_per_class
-from ..provenance import provenance, trained_with
+from ..provenance import provenance, trained_with, utc_now
 from .preflight import preflight
 
 
@@ -101,7 +101,7 @@ def evaluate_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> 
     record = {**metrics, "checkpoint": str(cfg.checkpoint), "iteration": ckpt.get("iteration")}
     # the run's own fields (commit, hardware, command, dataset evaluated on) and the checkpoint's training: its
     # seed, model, rpn and schedule, not the defaults that evaluate.yaml composes
-    record["provenance"] = {**provenance(cfg), **trained_with(ckpt)}
+    record["provenance"] = {**provenance(cfg), **trained_with(ckpt), "finished": utc_now()}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=str))

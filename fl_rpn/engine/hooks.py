@@ -252,8 +252,7 @@ class Evaluation(HookBase):
 
     def before_train(self, state: TrainState) -> None:
         # the code that runs is the code at the start: the checkout may change while a run trains
-        self.provenance = provenance(state.cfg, state.dist_info.world_size)
-        self.provenance["started"] = self.provenance.pop("finished")
+        self.provenance = {**provenance(state.cfg, state.dist_info.world_size), "started": utc_now()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"curve": self.curve} if self.curve else {}

@@ -82,6 +82,7 @@ def test_eval_records_the_checkpoints_seed_and_schedule_not_its_own_defaults(tmp
     recorded = json.loads((tmp_path / "eval" / "metrics.json").read_text())["provenance"]
     assert recorded["seed"] == 3 and recorded["rpn"] == "focal_sigmoid" and recorded["model"] == "tiny_fpn"
     assert recorded["schedule"] == "cpu_demo: 1 iterations x 2 images" and recorded["train_world_size"] == 1
+    assert datetime.fromisoformat(recorded["finished"]) <= datetime.now(timezone.utc)
     assert recorded["dataset"] == "synthetic" and recorded["train_dataset"] == "synthetic"
 
 
