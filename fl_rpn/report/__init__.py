@@ -16,7 +16,8 @@ to every run (the settings of the whole table, ``hydra.*`` excepted) and the run
 fraction metric below 1 % in every arm (:func:`.summary.unranked`) is greyed out: it cannot rank the arms.
 
 Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
-jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started. Two finished
+jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started (a job relaunched under
+another sweep folder of the report counts as run, and one missing from two is listed once). Two finished
 runs of the same arm and seed are an error (they would count as two seeds and pair arbitrarily).
 
 The package, one module per part (each imports only those after it): :mod:`.tables` (report.md and the CSV files)

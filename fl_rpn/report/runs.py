@@ -98,9 +98,18 @@ def not_started(roots: list[Path], runs: list[Run]) -> tuple[list[Run], list[str
     jobs, and whether the expected set is known for every folder given.
 
     A job counts as started when a run folder under its sweep folder has its values of the keys that vary
-    across the sweep's jobs (so a job rerun by hand with extra overrides such as ``resume=true`` counts).
+    across the sweep's jobs (so a job rerun by hand with extra overrides such as ``resume=true`` counts), or when a
+    run under another folder of the report has all of its values (the job relaunched in a new sweep folder). A job
+    that two sweep folders expect and neither ran is listed once.
     """
     missing, notes, known = [], [], True
+
+    def same_job(job: dict[str, str], overrides: dict[str, str]) -> bool:
+        return all(overrides.get(k) == v for k, v in job.items() if k not in RUN_CONTROL_KEYS and not k.startswith("hydra."))
+
+    def relaunched(job: dict[str, str], sweep_dir: Path) -> bool:
+        return any(not r.path.is_relative_to(sweep_dir) and same_job(job, r.overrides) for r in runs)
+
     for root in roots:
         sweep_dirs = sorted(p.parent for p in root.rglob("multirun.yaml"))
         if not sweep_dirs:
@@ -117,12 +126,21 @@ def not_started(roots: list[Path], runs: list[Run]) -> tuple[list[Run], list[str
                 continue
             varying = [k for k in jobs[0] if len({job.get(k) for job in jobs}) > 1] if jobs else []
             inside = [r for r in runs if r.path.is_relative_to(sweep_dir)]
-            absent = []
+            absent, elsewhere, twice = [], 0, 0
             for num, job in enumerate(jobs):
-                if not any(all(r.overrides.get(k) == job[k] for k in varying) for r in inside):
-                    status = f"not started (job {num} has no run folder)"
-                    absent.append(Run(sweep_dir / str(num), job, None, [], status))
-            notes.append(f"{where}: {len(jobs)} jobs expected (multirun.yaml), {len(absent)} not started.")
+                if any(all(r.overrides.get(k) == job[k] for k in varying) for r in inside):
+                    continue
+                if relaunched(job, sweep_dir):
+                    elsewhere += 1
+                    continue
+                if any(same_job(job, m.overrides) for m in missing):
+                    twice += 1
+                    continue
+                status = f"not started (job {num} has no run folder)"
+                absent.append(Run(sweep_dir / str(num), job, None, [], status))
+            moved = f", {elsewhere} run in another sweep folder" if elsewhere else ""
+            moved += f", {twice} more not started and listed under another sweep folder" if twice else ""
+            notes.append(f"{where}: {len(jobs)} jobs expected (multirun.yaml), {len(absent)} not started{moved}.")
             missing += absent
     return missing, notes, known
 

@@ -45,6 +45,25 @@ def test_jobs_that_never_started_are_listed(tmp_path):
     assert statuses["3"].startswith("not started") and statuses["0"] == "finished"
 
 
+def test_a_job_relaunched_in_a_new_sweep_folder_counts_once(tmp_path):
+    # a stopped sweep of 2 seeds x 2 arms finished one job; the other three were relaunched as a new sweep, which
+    # finished two of them: the first sweep's jobs are then not "not started", and the third is missing once
+    first, second = tmp_path / "seeds0-1", tmp_path / "rest"
+    first.mkdir(), second.mkdir()
+    write_multirun_yaml(first, {"seed": "0,1", "rpn": "sampled,focal_softmax"}, ["experiment=x"])
+    write_multirun_yaml(second, {}, ["experiment=x", "seed=0,1", "rpn=focal_softmax,sampled"])
+    fake_run(first, "0", ["experiment=x", "seed=0", "rpn=sampled"], {"bbox/AP": 0.5})
+    fake_run(second, "0", ["experiment=x", "seed=0", "rpn=focal_softmax"], {"bbox/AP": 0.6})
+    fake_run(second, "1", ["experiment=x", "seed=1", "rpn=focal_softmax"], {"bbox/AP": 0.7})
+    summary = report([tmp_path])
+    assert [(r.overrides["seed"], r.overrides["rpn"]) for r in summary["not_started"]] == [("1", "sampled")]
+    text = (tmp_path / "report.md").read_text()
+    assert "rest: 4 jobs expected (multirun.yaml), 1 not started, 1 run in another sweep folder." in text
+    assert ("seeds0-1: 4 jobs expected (multirun.yaml), 0 not started, 2 run in another sweep folder, 1 more not "
+            "started and listed under another sweep folder.") in text  # fmt: skip
+    assert "Runs: 4, finished: 3, failed or unfinished: 0, not started: 1." in text
+
+
 def test_a_repeated_arm_and_seed_is_an_error(tmp_path, capsys):
     for sweep in ("a", "b"):
         fake_run(tmp_path / sweep, "0", ["rpn=sampled", "seed=0"], {"bbox/AP": 0.5})
