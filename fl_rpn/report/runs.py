@@ -105,7 +105,8 @@ def not_started(roots: list[Path], runs: list[Run]) -> tuple[list[Run], list[str
     missing, notes, known = [], [], True
 
     def same_job(job: dict[str, str], overrides: dict[str, str]) -> bool:
-        return all(overrides.get(k) == v for k, v in job.items() if k not in RUN_CONTROL_KEYS and not k.startswith("hydra."))
+        keys = [k for k in job if k not in RUN_CONTROL_KEYS and not k.startswith("hydra.")]
+        return all(overrides.get(k) == job[k] for k in keys)
 
     def relaunched(job: dict[str, str], sweep_dir: Path) -> bool:
         return any(not r.path.is_relative_to(sweep_dir) and same_job(job, r.overrides) for r in runs)
