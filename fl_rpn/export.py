@@ -144,6 +144,8 @@ def torchvision_settings(model: GeneralizedRCNN) -> dict[str, Any]:
 TORCHVISION_BUILDERS = {
     "r50_fpn": "fasterrcnn_resnet50_fpn", "mbv3_fpn": "fasterrcnn_mobilenet_v3_large_fpn", "mbv2_fpn": "FasterRCNN",
 }  # fmt: skip
+
+
 def torchvision_backbone(model_cfg: dict) -> dict[str, Any] | None:
     """The torchvision call that rebuilds the backbone of a model without a ready builder (``mbv2_fpn``: its
     ``returned_layers`` included when set), or None."""

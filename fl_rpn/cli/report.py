@@ -20,7 +20,22 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--effect", type=float, default=0.4, help="the effect (AP / AR points) the power analysis asks about (0.4)"
     )
+    parser.add_argument(
+        "--where", action="append", default=[], metavar="KEY=V1,V2",
+        help="only the runs whose override KEY is one of the values (repeatable: every --where must hold)",
+    )  # fmt: skip
     return parser
+
+
+def parse_where(items: list[str]) -> dict[str, list[str]]:
+    """``["seed=0,1,2", "rpn=sampled"]`` -> ``{"seed": ["0", "1", "2"], "rpn": ["sampled"]}``."""
+    where = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not (sep and key and values) or key in where:
+            raise ValueError(f"--where {item}: expected KEY=V1,V2,... with each key once")
+        where[key] = values.split(",")
+    return where
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (math.isfinite(args.effect) and args.effect > 0):
         sys.exit(f"fl-rpn-report: --effect {args.effect}: must be a number > 0 (points)")
     try:
-        report(args.dirs, args.out, args.metrics, args.baseline, args.effect)
+        report(args.dirs, args.out, args.metrics, args.baseline, args.effect, parse_where(args.where))
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"fl-rpn-report: {err}")
 

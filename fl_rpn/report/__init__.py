@@ -17,7 +17,8 @@ fraction metric below 1 % in every arm (:func:`.summary.unranked`) is greyed out
 
 Nothing is dropped silently: runs without ``metrics.json`` are listed as failed or unfinished, and the
 jobs that Hydra's ``multirun.yaml`` asked for but that have no run folder as not started (a job relaunched under
-another sweep folder of the report counts as run, and one missing from two is listed once). Two finished
+another sweep folder of the report counts as run, and one missing from two is listed once). ``--where KEY=V1,V2``
+keeps only the runs (and jobs not started) with those values. Two finished
 runs of the same arm and seed are an error (they would count as two seeds and pair arbitrarily).
 
 The package, one module per part (each imports only those after it): :mod:`.tables` (report.md and the CSV files)
@@ -40,6 +41,7 @@ from .runs import (
     not_started,
     per_class_metrics,
     recall_curve,
+    select_runs,
 )
 from .summary import summarize_runs
 from .tables import folder_names, markdown, write_csv, write_summary_csv
@@ -54,12 +56,25 @@ DEFAULT_METRICS = tuple(headline_metrics())
 
 
 def report(
-    roots: list[Path], out_dir: Path | None = None, metrics=DEFAULT_METRICS, baseline="rpn=sampled", effect=0.4
+    roots: list[Path],
+    out_dir: Path | None = None,
+    metrics=DEFAULT_METRICS,
+    baseline="rpn=sampled",
+    effect=0.4,
+    where: dict[str, list[str]] | None = None,
 ) -> dict:
-    """Write report.md, runs.csv, summary.csv and the plots; ``effect`` in points (percent), the power analysis's."""
+    """Write report.md, runs.csv, summary.csv and the plots; ``effect`` in points (percent), the power analysis's;
+    ``where`` keeps only the runs (and jobs not started) with those values (:func:`.runs.select_runs`)."""
     found = load_runs(roots)
     missing, notes, known = not_started(roots, found)
     runs = found + missing
+    folders = folder_names(roots)
+    if where:
+        selection = "; ".join(f"{k}={','.join(v)}" for k, v in where.items())
+        kept = select_runs(runs, where)
+        notes.append(f"Selected (--where {selection}): {len(kept)} of the {len(runs)} runs and jobs not started.")
+        runs, missing = kept, [r for r in missing if any(r is k for k in kept)]
+        folders += f" where {selection}"
     out_dir = out_dir or roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = list(metrics)
@@ -72,7 +87,7 @@ def report(
         plots.append("learning_curves.png")
     curve_lines = curves.markdown_lines(learning, metrics)
     text = markdown(summary, runs, metrics, baseline, notes, plots, expected_known=known, curve_lines=curve_lines,
-                    per_class=per_class, folders=folder_names(roots))  # fmt: skip
+                    per_class=per_class, folders=folders)  # fmt: skip
     (out_dir / "report.md").write_text(text)
     write_csv(out_dir / "runs.csv", runs, metrics + per_class, summary["values"])
     write_summary_csv(out_dir / "summary.csv", summary)

@@ -146,6 +146,20 @@ def not_started(roots: list[Path], runs: list[Run]) -> tuple[list[Run], list[str
     return missing, notes, known
 
 
+def select_runs(runs: list[Run], where: dict[str, list[str]]) -> list[Run]:
+    """The runs whose override of each key in ``where`` is one of its values (``{"seed": ["0", "1"]}``); a run
+    without an override of such a key is left out. A key no run has, or a value none has, is a ``ValueError``
+    naming it: a typo must not silently empty or shrink the table."""
+    for key, values in where.items():
+        have = sorted({r.overrides[key] for r in runs if key in r.overrides})
+        if not have:
+            raise ValueError(f"--where {key}=...: no run has the key {key!r}")
+        if unknown := [v for v in values if v not in have]:
+            raise ValueError(f"--where {key}={','.join(values)}: no run has {key}={unknown[0]} "
+                             f"(the runs have {', '.join(have)})")  # fmt: skip
+    return [r for r in runs if all(r.overrides.get(k) in values for k, values in where.items())]
+
+
 # Keys that say how a run was carried out, not what it trains: a run resumed from its checkpoint (``resume=...``)
 # is the same job continued, so it stays in its arm instead of making one of its own.
 RUN_CONTROL_KEYS = {"resume"}

@@ -89,6 +89,54 @@ def test_a_resumed_run_stays_in_its_arm_and_is_listed(tmp_path):
     assert "resume=" not in text.split("## Runs")[0]
 
 
+def test_where_keeps_a_subset_of_the_runs_of_two_studies(tmp_path):
+    # a 3-arm shared-head table of seeds 0-1 and a decoupled sweep of two arms (seed 1's focal run not started): the
+    # decoupled-vs-shared report keeps the two arms both studies have, and the jobs not started among them
+    table, decoupled = tmp_path / "table", tmp_path / "decoupled"
+    table.mkdir(), decoupled.mkdir()
+    for seed in (0, 1):
+        for num, (rpn, ap) in enumerate((("sampled", 0.50), ("focal_sigmoid", 0.40), ("focal_softmax", 0.52))):
+            overrides = [f"rpn={rpn}", "rpn.head.kind=shared", f"seed={seed}"]
+            fake_run(table, f"{seed}{num}", overrides, {"bbox/AP": ap + seed / 10})
+    write_multirun_yaml(decoupled, {}, ["rpn.head.kind=decoupled", "seed=0,1", "rpn=sampled,focal_softmax"])
+    for num, (seed, rpn, ap) in enumerate(((0, "sampled", 0.53), (0, "focal_softmax", 0.50), (1, "sampled", 0.62))):
+        fake_run(decoupled, str(num), ["rpn.head.kind=decoupled", f"seed={seed}", f"rpn={rpn}"], {"bbox/AP": ap})
+    out = tmp_path / "out"
+    main([str(decoupled), str(table), "--out", str(out), "--baseline", "rpn.head.kind=shared",
+          "--where", "rpn=sampled,focal_softmax"])  # fmt: skip
+    rows = read_csv(out / "runs.csv")
+    assert sorted((r["rpn"], r["rpn.head.kind"], r["seed"], r["status"][:11]) for r in rows) == [
+        ("focal_softmax", "decoupled", "0", "finished"), ("focal_softmax", "decoupled", "1", "not started"),
+        ("focal_softmax", "shared", "0", "finished"), ("focal_softmax", "shared", "1", "finished"),
+        ("sampled", "decoupled", "0", "finished"), ("sampled", "decoupled", "1", "finished"),
+        ("sampled", "shared", "0", "finished"), ("sampled", "shared", "1", "finished"),
+    ]  # fmt: skip
+    text = (out / "report.md").read_text()
+    title = f"# {tmp_path.name}/{{decoupled, table}} where rpn=sampled,focal_softmax: 4 arms × 2 seeds (7 of 8 runs"
+    assert text.startswith(title)
+    assert "Selected (--where rpn=sampled,focal_softmax): 8 of the 10 runs and jobs not started." in text
+    differences = {r["arm"]: r for r in read_csv(out / "summary.csv") if r["metric"] == "bbox/AP" and r["diff_n"]}
+    assert set(differences) == {"rpn=sampled,rpn.head.kind=decoupled", "rpn=focal_softmax,rpn.head.kind=decoupled"}
+    assert float(differences["rpn=sampled,rpn.head.kind=decoupled"]["diff_mean"]) == pytest.approx(0.025)  # (3+2)/2
+    assert float(differences["rpn=focal_softmax,rpn.head.kind=decoupled"]["diff_mean"]) == pytest.approx(-0.02)
+    assert "focal_sigmoid" not in text
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [("seeds=0", "no run has the key 'seeds'"),
+     ("rpn=focal_softmx", "no run has rpn=focal_softmx (the runs have focal_softmax, sampled)"),
+     ("rpn", "expected KEY=V1,V2"), ("rpn=sampled --where rpn=focal_softmax", "each key once")],
+)  # fmt: skip
+def test_where_names_a_key_or_value_no_run_has(tmp_path, where, message):
+    for seed in (0, 1):
+        fake_run(tmp_path, f"s{seed}", ["rpn=sampled", f"seed={seed}"], {"bbox/AP": 0.5})
+        fake_run(tmp_path, f"f{seed}", ["rpn=focal_softmax", f"seed={seed}"], {"bbox/AP": 0.6})
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([str(tmp_path), *[part for item in where.split(" --where ") for part in ("--where", item)]])
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_diagnostics_are_averaged_over_each_history_then_over_seeds(tmp_path):
     share = {0: [0.10, 0.20, 0.30], 1: [0.40, 0.40, 0.10]}
     for seed, values in share.items():
