@@ -73,7 +73,8 @@ def report(
         selection = "; ".join(f"{k}={','.join(v)}" for k, v in where.items())
         kept = select_runs(runs, where)
         notes.append(f"Selected (--where {selection}): {len(kept)} of the {len(runs)} runs and jobs not started.")
-        runs, missing = kept, [r for r in missing if any(r is k for k in kept)]
+        kept_ids = {id(r) for r in kept}
+        runs, missing = kept, [r for r in missing if id(r) in kept_ids]
         folders += f" where {selection}"
     out_dir = out_dir or roots[0]
     out_dir.mkdir(parents=True, exist_ok=True)
